@@ -1,0 +1,1 @@
+"""Triton GPU kernels with their torch references (installed as nbllm.kernels)."""

@@ -1,0 +1,1 @@
+"""Engine: scheduler, paged KV, radix cache, model runner, sampler."""

@@ -1,0 +1,1 @@
+"""Notebook dashboards drawn from the engine's plain stats (installed as nbllm.widgets)."""
