@@ -1,0 +1,126 @@
+"""A GGUF file or an HF safetensors directory → a model on a device, with its config.
+
+Both formats become a `WeightSource` that serves tensors under GGUF names, so the architecture code is the
+same whatever the file: the GGUF source decodes quantized tensors (`nbllm.gguf.quants`), the safetensors
+source maps HF names through gguf's `TensorNameMap` and reads over mmap (`safe_open`). Per-architecture
+format quirks come from the `ArchSpec` as fixups (llama.cpp's permuted Llama q/k rows, HF Gemma's norm offset).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import torch
+from safetensors import safe_open
+
+from nbllm.errors import ModelLoadError
+from nbllm.gguf import GGUFFile, open_gguf
+from nbllm.gguf.quants import dequantize
+from nbllm.models.base import CausalLM
+from nbllm.models.config import ModelConfig
+from nbllm.models.registry import ArchSpec, spec_for_gguf, spec_for_hf
+from nbllm.models.weights import Fixup, WeightSource, shift_norms, unpermute_qk_rows
+
+# Multimodal checkpoints nest the text model; these prefixes are renamed to the text-only layout first.
+_HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+
+
+class GGUFWeights(WeightSource):
+    def __init__(self, file: GGUFFile, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None) -> None:
+        super().__init__(file.path, dtype=dtype, device=device, fixups=fixups)
+        self.file = file
+        self._names = frozenset(file.tensors)
+
+    def names(self) -> frozenset[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file.tensors[name].shape
+
+    def _read(self, name: str) -> torch.Tensor:
+        info = self.file.tensors[name]
+        return dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
+
+
+class SafetensorsWeights(WeightSource):
+    def __init__(self, directory: Path, files: list[Path], arch: str, num_layers: int, *,
+                 dtype: torch.dtype, device: torch.device, fixups: Fixup | None) -> None:
+        super().__init__(directory, dtype=dtype, device=device, fixups=fixups)
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], num_layers)
+        self._handles = []
+        self._where: dict[str, tuple[int, str]] = {}  # GGUF name -> (file index, HF name)
+        for i, file in enumerate(files):
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise ModelLoadError(f"{file}: cannot read as safetensors: {exc}") from None
+            self._handles.append(handle)
+            for hf_name in handle.keys():
+                name = hf_name
+                for old, new in _HF_PREFIXES:
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+                if mapped is not None:
+                    self._where[mapped] = (i, hf_name)
+        self._names = frozenset(self._where)
+
+    def names(self) -> frozenset[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        i, hf_name = self._where[name]
+        return tuple(self._handles[i].get_slice(hf_name).get_shape())
+
+    def _read(self, name: str) -> torch.Tensor:
+        i, hf_name = self._where[name]
+        return self._handles[i].get_tensor(hf_name)
+
+
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[CausalLM, ModelConfig]:
+    """Load a GGUF file or an HF safetensors directory; raises `ModelLoadError` naming the file on any problem."""
+    path = Path(path)
+    device = torch.device(device)
+    if path.is_dir():
+        weights, config, spec = _open_hf(path, dtype, device)
+    elif path.is_file():
+        weights, config, spec = _open_gguf(path, dtype, device)
+    else:
+        raise ModelLoadError(f"{path}: no such file or directory")
+    model = spec.model_class(config, weights)
+    return model.eval(), config
+
+
+def _open_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+    file = open_gguf(path)
+    spec = spec_for_gguf(file.architecture, str(path))
+    config = ModelConfig.from_gguf_metadata(file.metadata, source=str(path))
+    # The metadata cannot say whether the head is tied: llama.cpp ties it when output.weight is absent.
+    config = replace(config, tie_word_embeddings="output.weight" not in file.tensors)
+    fixups = unpermute_qk_rows(config.num_heads, config.num_kv_heads) if spec.gguf_qk_permuted else None
+    return GGUFWeights(file, dtype=dtype, device=device, fixups=fixups), config, spec
+
+
+def _open_hf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: not a model directory (no config.json); pass a GGUF file or an HF model folder")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: cannot read: {exc}") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object")
+    spec = spec_for_hf(hf.get("architectures") or [], str(config_file))
+    config = ModelConfig.from_hf_config(hf, source=str(config_file))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
+    fixups = shift_norms(spec.hf_norm_shift) if spec.hf_norm_shift else None
+    weights = SafetensorsWeights(path, files, spec.name, config.num_layers, dtype=dtype, device=device, fixups=fixups)
+    return weights, config, spec

@@ -1,0 +1,105 @@
+"""The decoder-only skeleton every architecture shares: embed, N decoder layers, final norm, lm head.
+
+An architecture file contributes its decoder layer (`layer_class`); the skeleton builds the rotary tables, the
+standard attention and MLP blocks from GGUF-named tensors, and exposes the engine's interface:
+`model(input_ids[T], positions[T], attn) -> hidden[T, H]` and `model.compute_logits(hidden[N, H])`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbllm.models.attention import AttentionBackend
+from nbllm.models.config import ModelConfig
+from nbllm.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_inv_freq
+from nbllm.models.weights import WeightSource
+
+
+def build_norm(config: ModelConfig, weights: WeightSource, name: str, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(weights.tensor(name, (dim or config.hidden_size,)), config.rms_norm_eps)
+
+
+def build_attention(config: ModelConfig, weights: WeightSource, layer: int, rotary: RotaryEmbedding) -> Attention:
+    c, p = config, f"blk.{layer}"
+    qkv_bias = True if c.attention_bias else None
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return Attention(
+        layer=layer,
+        q=weights.linear(f"{p}.attn_q", q_dim, c.hidden_size, bias=qkv_bias),
+        k=weights.linear(f"{p}.attn_k", kv_dim, c.hidden_size, bias=qkv_bias),
+        v=weights.linear(f"{p}.attn_v", kv_dim, c.hidden_size, bias=qkv_bias),
+        o=weights.linear(f"{p}.attn_output", c.hidden_size, q_dim),
+        q_norm=build_norm(c, weights, f"{p}.attn_q_norm.weight", c.head_dim) if c.qk_norm else None,
+        k_norm=build_norm(c, weights, f"{p}.attn_k_norm.weight", c.head_dim) if c.qk_norm else None,
+        rotary=rotary,
+        num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        scale=c.query_scale,
+        sliding_window=c.window_of(layer),
+    )
+
+
+def build_mlp(config: ModelConfig, weights: WeightSource, layer: int) -> GatedMLP:
+    c, p = config, f"blk.{layer}"
+    return GatedMLP(
+        gate=weights.linear(f"{p}.ffn_gate", c.intermediate_size, c.hidden_size, bias=False),
+        up=weights.linear(f"{p}.ffn_up", c.intermediate_size, c.hidden_size, bias=False),
+        down=weights.linear(f"{p}.ffn_down", c.hidden_size, c.intermediate_size, bias=False),
+        activation=c.activation,
+    )
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over token-flattened batches; subclasses set `layer_class`."""
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config: ModelConfig, weights: WeightSource) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = weights.tensor("token_embd.weight", (c.vocab_size, c.hidden_size))
+        # Rounded to the compute dtype first, as HF does (sqrt(640) in bf16 is not sqrt(640)).
+        self.embed_scale = float(torch.tensor(c.embedding_multiplier).to(weights.dtype))
+        global_rotary = self._rotary(weights, c.rope_theta, c.rope_scaling, global_layers=True)
+        local_rotary = None
+        if c.rope_local_theta is not None and any(c.layer_is_sliding):
+            local_rotary = self._rotary(weights, c.rope_local_theta, None, global_layers=False)
+        self.layers = nn.ModuleList(
+            self.layer_class(c, weights, i, local_rotary if c.layer_is_sliding[i] and local_rotary else global_rotary)
+            for i in range(c.num_layers)
+        )
+        self.norm = build_norm(c, weights, "output_norm.weight")
+        # A tied head is a Linear over the embedding table itself: one copy of the biggest tensor.
+        self.lm_head = (Linear(self.embed_tokens) if c.tie_word_embeddings
+                        else weights.linear("output", c.vocab_size, c.hidden_size, bias=False))
+
+    def _rotary(self, weights: WeightSource, theta: float, scaling: dict | None, *, global_layers: bool) -> RotaryEmbedding:
+        inv_freq = rope_inv_freq(self.config.head_dim, theta, scaling)
+        if global_layers and weights.has("rope_freqs.weight"):
+            # llama.cpp stores Llama 3 rope scaling as per-frequency divisors (convert_hf_to_gguf's rope_freqs).
+            inv_freq = inv_freq / weights.tensor("rope_freqs.weight", inv_freq.shape, dtype=torch.float32).cpu()
+        return RotaryEmbedding(inv_freq, self.config.max_positions).to(weights.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`."""
+        h = F.embedding(input_ids, self.embed_tokens)
+        if self.embed_scale != 1.0:
+            h = h * self.embed_scale
+        for layer in self.layers:
+            h = layer(h, positions, attn)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits `[N, vocab]` for the rows of `hidden` the caller wants (usually each sequence's last)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

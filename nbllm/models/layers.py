@@ -1,0 +1,155 @@
+"""Building blocks shared by every architecture: linear, RMSNorm, rotary embedding, gated MLP, attention.
+
+Each block is built from tensors a `WeightSource` has already checked, never randomly initialised, and works on
+token-flattened activations `[T, ...]`: the model never sees sequences, only tokens and their positions.
+The numerics follow transformers' fp32 path (norms and softmax in fp32, rope frequencies computed the same way)
+so CPU fp32 logits match it to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from nbllm.models.attention import AttentionBackend
+
+
+class Linear(nn.Module):
+    """`y = x W^T + b` over a dense weight `[out, in]`.
+
+    Only `WeightSource.linear` constructs these, so quantized weight formats can replace this class in one place.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """`x / rms(x) * w`, computed in fp32. Gemma's `(1 + w)` is folded into `w` at load time."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies `[head_dim / 2]` as transformers computes them (default, linear, llama3)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style (rotate-half) rope with cos/sin precomputed for positions `[0, max_positions)`.
+
+    Interleaved-rope checkpoints (llama.cpp's permuted Llama q/k rows) are converted to this layout at load,
+    so this is the only rotary implementation.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq.float()[None, :]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `x: [T, heads, head_dim]` by each token's position `positions: [T]`."""
+        cos = self.cos[positions].to(x.dtype)[:, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class GatedMLP(nn.Module):
+    """`down(act(gate(x)) * up(x))`: SwiGLU (Llama, Qwen) or GeGLU with tanh GELU (Gemma)."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear, activation: str) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+        self.act = _ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Attention(nn.Module):
+    """Project to q/k/v, optionally RMS-normalise each head, rotate, attend through the backend, project out.
+
+    The backend (`AttentionBackend`) owns the KV cache and knows which tokens belong to which sequence; this
+    module only knows its layer index, scale and sliding window.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: int,
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        rotary: RotaryEmbedding,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

@@ -1,0 +1,100 @@
+"""Where model code gets its tensors: checked by name and shape, fixed up for the format, placed on a device.
+
+Models name tensors the GGUF way (`blk.3.attn_q.weight`) whatever the file format; a source for another format
+maps its own names onto those (see `nbllm.loader`). Before a byte is read, the source checks that the tensor
+exists and has the shape the model expects, so a wrong or truncated file fails with one line naming the file,
+the tensor and both shapes. Format quirks an architecture declares (`ArchSpec`) are undone here, once, as
+`fixups`: llama.cpp's permuted Llama q/k rows, HF Gemma's `w` stored for `(1 + w)` norms.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nbllm.errors import ModelLoadError
+from nbllm.models.layers import Linear
+
+Fixup = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class WeightSource(ABC):
+    """Tensors of one model file, by GGUF name, as `dtype` on `device`."""
+
+    def __init__(self, path: Path, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None = None) -> None:
+        self.path = path
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.fixups = fixups
+
+    @abstractmethod
+    def names(self) -> frozenset[str]:
+        """Every tensor name (GGUF naming) this source holds."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of `name` (torch order), read without loading the tensor."""
+
+    @abstractmethod
+    def _read(self, name: str) -> torch.Tensor:
+        """The tensor as stored, decoded to a float dtype on the CPU; may share memory with the file."""
+
+    def has(self, name: str) -> bool:
+        return name in self.names()
+
+    def tensor(self, name: str, shape: tuple[int, ...], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`name` checked against `shape`, fixed up, and converted to `dtype` (default: the model's) and device."""
+        if not self.has(name):
+            raise ModelLoadError(f"{self.path}: tensor {name!r} (expected shape {tuple(shape)}) is missing")
+        actual = tuple(self.shape(name))
+        if actual != tuple(shape):
+            raise ModelLoadError(f"{self.path}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
+        t = self._read(name)
+        if self.fixups is not None:
+            t = self.fixups(name, t)
+        # copy=True: never hand the model a tensor that aliases a read-only file mapping.
+        return t.to(device=self.device, dtype=dtype or self.dtype, copy=True)
+
+    def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> Linear:
+        """The linear layer `{prefix}.weight` `[out, in]` plus `{prefix}.bias` `[out]`.
+
+        `bias=True` requires the bias, `False` ignores it, `None` takes it when the file has it (llama.cpp loads
+        Llama's attention biases the same way: optional).
+        """
+        weight = self.tensor(f"{prefix}.weight", (out_features, in_features))
+        if bias is None:
+            bias = self.has(f"{prefix}.bias")
+        return Linear(weight, self.tensor(f"{prefix}.bias", (out_features,)) if bias else None)
+
+
+def unpermute_qk_rows(num_heads: int, num_kv_heads: int) -> Fixup:
+    """Undo llama.cpp's `LlamaModel.permute` on `attn_q`/`attn_k` weights and biases.
+
+    The converter reorders each head's rows from rotate-half order to interleaved pairs (for GGML's normal
+    rope); reversing that lets one NeoX-style rotary serve every file. Rows are whole quant blocks apart, so
+    the same row permutation is valid on quantized data too.
+    """
+
+    def fixup(name: str, t: torch.Tensor) -> torch.Tensor:
+        if ".attn_q." in name:
+            heads = num_heads
+        elif ".attn_k." in name:
+            heads = num_kv_heads
+        else:
+            return t
+        rows = t.shape[0]
+        return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    return fixup
+
+
+def shift_norms(delta: float) -> Fixup:
+    """Add `delta` to every RMSNorm weight: HF Gemma stores `w` and computes `x * (1 + w)`."""
+
+    def fixup(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.float() + delta if name.endswith("norm.weight") else t
+
+    return fixup
