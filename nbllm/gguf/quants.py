@@ -32,6 +32,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nbllm.errors import ModelLoadError, UnsupportedQuantError
+from nbllm.gguf.reader import tensor_nbytes
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -62,17 +63,12 @@ def _supported_names() -> str:
 def quant_nbytes(qtype: GGMLQuantizationType | int, shape: tuple[int, ...], *, tensor_name: str = "?") -> int:
     """Bytes a tensor of `shape` (torch order, last dim blocked) occupies in a GGUF file as `qtype`."""
     qt = _qtype(qtype, tensor_name)
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ModelLoadError(f"tensor {tensor_name!r} has a negative dimension in shape {shape}; the file is corrupt")
-    block_size, type_size = GGML_QUANT_SIZES[qt]
-    last = shape[-1] if shape else 1
-    if last % block_size != 0:
+    try:
+        return tensor_nbytes(qt, tuple(int(s) for s in shape))
+    except ValueError as exc:
         raise ModelLoadError(
-            f"tensor {tensor_name!r} ({qt.name}, shape {shape}) has a last dimension of {last}, not a multiple of "
-            f"the {qt.name} block size {block_size}; the file is corrupt or was written by an incompatible tool"
-        )
-    return prod(shape) // block_size * type_size
+            f"tensor {tensor_name!r} ({qt.name}, shape {tuple(shape)}): {exc}; the file is corrupt or was written by an incompatible tool"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class TensorInfo:
 def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     """Bytes a tensor of `shape` takes in `qtype`; its last dim must be a whole number of blocks."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if any(n < 0 for n in shape):
+        raise ValueError(f"shape {shape} has a negative dimension")
     if shape[-1] % block_size:
         raise ValueError(f"last dimension {shape[-1]} is not a multiple of {qtype.name}'s block size {block_size}")
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block_size) * type_size
