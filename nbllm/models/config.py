@@ -103,6 +103,7 @@ class ModelConfig:
             attention_bias=spec.attention_bias,
             qk_norm=spec.qk_norm,
         )
+        config.validated(source)  # before the architecture hook computes anything from these sizes
         if spec.gguf_config is not None:
             config = replace(config, **spec.gguf_config(r, config))
         return config.validated(source)
@@ -149,6 +150,7 @@ class ModelConfig:
             attention_bias=spec.attention_bias or bool(text.get("attention_bias", False)),
             qk_norm=spec.qk_norm,
         )
+        config.validated(source)  # before the architecture hook computes anything from these sizes
         if spec.hf_config is not None:
             config = replace(config, **spec.hf_config(r, config))
         return config.validated(source)
