@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from nbllm.errors import TokenizerError
+from nbllm.gguf.reader import open_gguf
+from nbllm.tokenizer.chat_template import ChatTemplate, builtin_template
 from nbllm.tokenizer.build import SPACE, load_or_build
 from nbllm.tokenizer.vocab import EOG_TEXTS, Kind, TokenType, Vocab, vocab_from_metadata
 
@@ -32,6 +34,7 @@ class Tokenizer:
         self.vocab = vocab
         self._hf = hf
         self._lock = threading.Lock()  # guards the HF object's parse-special switch
+        self._chat_template: ChatTemplate | None = None  # compiled on first use
         self._piece_cache: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
         eog = {vocab.eos_id, *vocab.extra_eog_ids, *(hf.token_to_id(t) for t in EOG_TEXTS)}
         self.eos_token_ids: frozenset[int] = frozenset(i for i in eog if i is not None)
@@ -72,6 +75,18 @@ class Tokenizer:
     def add_space_prefix(self) -> bool:
         """SPM vocabularies that prefix text with a space also drop one leading space when decoding."""
         return self.vocab.add_space_prefix
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt text for a conversation (encode it with `add_special_tokens=False`: it holds BOS).
+
+        Uses the GGUF's template, else a builtin one matching the vocabulary's turn markers (Gemma, ChatML),
+        else plain "Role: content" paragraphs (`chat_template.FALLBACK_TEMPLATE`).
+        """
+        if self._chat_template is None:
+            source = self.chat_template or builtin_template(lambda text: self._hf.token_to_id(text) is not None)
+            self._chat_template = ChatTemplate(source, bos_token=self.bos_token, eos_token=self.eos_token,
+                                               add_bos=self.vocab.add_bos)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     # -- encode -----------------------------------------------------------------------------------------
 
@@ -144,8 +159,6 @@ class Tokenizer:
 
 def from_gguf(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer of a GGUF file, without loading its weights."""
-    from nbllm.gguf.reader import open_gguf
-
     return Tokenizer.from_metadata(open_gguf(path).metadata)
 
 
