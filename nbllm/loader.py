@@ -42,7 +42,9 @@ class GGUFWeights(WeightSource):
 
     def _read(self, name: str) -> torch.Tensor:
         info = self.file.tensors[name]
-        return dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
+        t = dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
+        # F32 decodes to a view of the read-only mmap, where an in-place write would crash the process.
+        return t.clone() if info.qtype == gguf.GGMLQuantizationType.F32 else t
 
 
 class SafetensorsWeights(WeightSource):

@@ -40,7 +40,7 @@ class WeightSource(ABC):
 
     @abstractmethod
     def _read(self, name: str) -> torch.Tensor:
-        """The tensor as stored, decoded to a float dtype on the CPU; may share memory with the file."""
+        """The tensor decoded to a float dtype on the CPU, safe to keep: never a view of a read-only mapping."""
 
     def has(self, name: str) -> bool:
         return name in self.names()
@@ -55,8 +55,7 @@ class WeightSource(ABC):
         t = self._read(name)
         if self.fixups is not None:
             t = self.fixups(name, t)
-        # copy=True: never hand the model a tensor that aliases a read-only file mapping.
-        return t.to(device=self.device, dtype=dtype or self.dtype, copy=True)
+        return t.to(device=self.device, dtype=dtype or self.dtype)
 
     def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> Linear:
         """The linear layer `{prefix}.weight` `[out, in]` plus `{prefix}.bias` `[out]`.
