@@ -25,7 +25,11 @@ from nbllm.models.registry import ArchSpec, spec_for_gguf, spec_for_hf
 from nbllm.models.weights import Fixup, WeightSource, shift_norms, unpermute_qk_rows
 
 # Multimodal checkpoints nest the text model; these prefixes are renamed to the text-only layout first.
-_HF_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+_HF_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 
 class GGUFWeights(WeightSource):

@@ -12,7 +12,8 @@ from tiny_models import GGUF_ARCH, TINY_ARCHS, build_hf_model, hf_logits, random
 
 from nbllm.gguf import open_gguf
 from nbllm.loader import load_model
-from nbllm.models import DenseKVCache, greedy_generate
+from nbllm.errors import NbllmError
+from nbllm.models import DenseKVCache, causal_attention, greedy_generate
 
 PROMPT_LENGTHS = [5, 17, 1, 12]  # 17 > gemma3's window 4 and > mistral's window 4, so windows matter
 TOL = 1e-4
@@ -119,3 +120,42 @@ def test_greedy_generate_stops_at_eos(tiny_model):
     free = greedy_generate(model, prompt, 8)
     stopped = greedy_generate(model, prompt, 8, eos_ids={free[2]})
     assert stopped == free[: free.index(free[2]) + 1]
+
+
+def test_bfloat16_load_runs_close_to_fp32(tiny_model):
+    path, _ = tiny_model("gemma3", "hf")
+    model, _ = load_model(path, dtype=torch.bfloat16)
+    assert model.embed_tokens.dtype == torch.bfloat16 and model.layers[0].mlp.up.weight.dtype == torch.bfloat16
+    prompts = random_prompts([9, 4])
+    fp32 = flat_logits(load_model(path)[0], prompts)
+    bf16 = flat_logits(model, prompts)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max().item() < 0.1 * fp32.abs().max().item()
+
+
+def test_dense_kv_cache_bookkeeping():
+    cache = DenseKVCache()
+    with pytest.raises(NbllmError):
+        cache.prepare([0, 0], [1, 1])
+    with pytest.raises(NbllmError):
+        cache.prepare([0], [0])
+    cache.prepare([7], [3])
+    q, kv = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
+    out = cache.forward(0, q, kv, kv, scale=0.5, sliding_window=None)
+    assert out.shape == (3, 4, 8) and cache.seq_len(7) == 3
+    with pytest.raises(NbllmError, match="declared 3"):
+        cache.forward(1, q[:2], kv[:2], kv[:2], scale=0.5, sliding_window=None)
+    cache.free(7)
+    assert cache.seq_len(7) == 0
+
+
+def test_sliding_window_sees_exactly_the_last_w_positions():
+    """Key p is visible to query q iff q - w < p <= q: with one-hot values the output reveals the weights."""
+    n, w = 7, 3
+    q = torch.zeros(n, 1, n)
+    k = torch.zeros(n, 1, n)
+    v = torch.eye(n).reshape(n, 1, n)
+    probs = causal_attention(q, k, v, past=0, scale=1.0, sliding_window=w)[:, 0]
+    for qpos in range(n):
+        visible = [p for p in range(n) if qpos - w < p <= qpos]
+        torch.testing.assert_close(probs[qpos], torch.zeros(n).index_fill_(0, torch.tensor(visible), 1 / len(visible)))

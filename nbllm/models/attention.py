@@ -82,7 +82,7 @@ class DenseKVCache:
             raise NbllmError("prepare() needs distinct sequence ids and one token count per sequence")
         if any(n <= 0 for n in num_new_tokens):
             raise NbllmError(f"every sequence needs at least one new token, got {list(num_new_tokens)}")
-        self._plan = list(zip(seq_ids, num_new_tokens))
+        self._plan = list(zip(seq_ids, num_new_tokens, strict=True))
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens cached for `seq_id` (0 for an unknown id)."""

@@ -60,7 +60,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, weights: WeightSource) -> None:
         super().__init__()
         c = self.config = config
-        self.embed_tokens = weights.tensor("token_embd.weight", (c.vocab_size, c.hidden_size))
+        self.register_buffer("embed_tokens", weights.tensor("token_embd.weight", (c.vocab_size, c.hidden_size)))
         # Rounded to the compute dtype first, as HF does (sqrt(640) in bf16 is not sqrt(640)).
         self.embed_scale = float(torch.tensor(c.embedding_multiplier).to(weights.dtype))
         global_rotary = self._rotary(weights, c.rope_theta, c.rope_scaling, global_layers=True)
@@ -76,7 +76,9 @@ class CausalLM(nn.Module):
         self.lm_head = (Linear(self.embed_tokens) if c.tie_word_embeddings
                         else weights.linear("output", c.vocab_size, c.hidden_size, bias=False))
 
-    def _rotary(self, weights: WeightSource, theta: float, scaling: dict | None, *, global_layers: bool) -> RotaryEmbedding:
+    def _rotary(
+        self, weights: WeightSource, theta: float, scaling: dict | None, *, global_layers: bool
+    ) -> RotaryEmbedding:
         inv_freq = rope_inv_freq(self.config.head_dim, theta, scaling)
         if global_layers and weights.has("rope_freqs.weight"):
             # llama.cpp stores Llama 3 rope scaling as per-frequency divisors (convert_hf_to_gguf's rope_freqs).

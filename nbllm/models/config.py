@@ -19,6 +19,7 @@ from nbllm.errors import ModelLoadError
 # `ModelConfig.max_positions`. A file may claim any context length: we never allocate from it unchecked.
 MAX_ROPE_POSITIONS = 1 << 17
 _MAX_DIM = 1 << 20  # no real model has a hidden, head or vocab dimension anywhere near this
+_MAX_COUNT = 4096  # nor this many layers or heads
 ROPE_TYPES = ("linear", "llama3")
 
 
@@ -75,7 +76,7 @@ class ModelConfig:
         heads = r.int("attention.head_count", positive=True)
         head_dim = r.int("attention.key_length", hidden // heads)
         if r.int("attention.value_length", head_dim) != head_dim:
-            raise ModelLoadError(f"{source}: value length differs from key length; this attention layout is not supported")
+            raise ModelLoadError(f"{source}: value length differs from key length; this layout is not supported")
         if r.int("rope.dimension_count", head_dim) != head_dim:
             raise ModelLoadError(f"{source}: partial rotary embeddings are not supported")
         vocab = metadata.get(f"{arch}.vocab_size")
@@ -83,7 +84,7 @@ class ModelConfig:
             tokens = metadata.get("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens is not None else None
         window = r.int("attention.sliding_window", 0) or None
-        num_layers = r.int("block_count")
+        num_layers = r.count("block_count")
         config = cls(
             arch=spec.name,
             vocab_size=_check_dim(vocab, "vocab size", source),
@@ -121,7 +122,7 @@ class ModelConfig:
         hidden = r.int("hidden_size")
         heads = r.int("num_attention_heads", positive=True)
         head_dim = r.int("head_dim") if text.get("head_dim") is not None else hidden // heads
-        num_layers = r.int("num_hidden_layers")
+        num_layers = r.count("num_hidden_layers")
         rope = hf_rope_parameters(text, source)
         global_rope = rope.get("full_attention", rope)
         layer_types = text.get("layer_types")
@@ -164,16 +165,18 @@ class ModelConfig:
                 raise ModelLoadError(f"{source}: {name} is {value!r}; it must be a positive integer")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim"):
             _check_dim(getattr(self, name), name, source)
-        if self.num_layers > 4096 or self.num_heads > 4096:
-            raise ModelLoadError(f"{source}: {self.num_layers} layers / {self.num_heads} heads is not a plausible model")
+        if self.num_layers > _MAX_COUNT or self.num_heads > _MAX_COUNT:
+            raise ModelLoadError(f"{source}: {self.num_layers} layers / {self.num_heads} heads is implausible")
         if self.num_heads % self.num_kv_heads:
-            raise ModelLoadError(f"{source}: {self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
+            raise ModelLoadError(
+                f"{source}: {self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads")
         if self.head_dim % 2:
             raise ModelLoadError(f"{source}: head_dim {self.head_dim} is odd; rotary embeddings need an even one")
         if len(self.layer_is_sliding) != self.num_layers:
             raise ModelLoadError(f"{source}: {len(self.layer_is_sliding)} layer types for {self.num_layers} layers")
         if any(self.layer_is_sliding) and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
-            raise ModelLoadError(f"{source}: sliding-window layers need a positive sliding_window, got {self.sliding_window!r}")
+            raise ModelLoadError(
+                f"{source}: sliding-window layers need a positive sliding_window, got {self.sliding_window!r}")
         if not (self.rms_norm_eps >= 0 and self.rope_theta > 0 and self.query_scale > 0):
             raise ModelLoadError(f"{source}: rms_norm_eps, rope theta and attention scale must be positive")
         return self
@@ -199,6 +202,13 @@ class ConfigReader:
             raise ModelLoadError(f"{self.source}: {self.prefix + key!r} is {value!r}; it must be positive")
         return int(value)
 
+    def count(self, key: str) -> int:
+        """A layer count: checked before anything per-layer is built from it."""
+        value = self.int(key, positive=True)
+        if value > _MAX_COUNT:
+            raise ModelLoadError(f"{self.source}: {self.prefix + key!r} is {value}; not a plausible layer count")
+        return value
+
     def float(self, key: str, default: float | None = None) -> float:
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -213,20 +223,23 @@ def _check_dim(value: Any, what: str, source: str) -> int:
 
 
 def _gguf_rope_scaling(r: ConfigReader) -> dict[str, Any] | None:
-    kind = r.get("rope.scaling.type", "none")
-    factor = r.get("rope.scaling.factor", r.get("rope.scale_linear", 1.0))
-    if kind in ("none", None) and factor in (None, 1.0):
+    """llama.cpp's `rope.scaling.type`/`.factor` (or the older `rope.scale_linear`); llama3 comes as rope_freqs."""
+    kind = r.get("rope.scaling.type", "linear" if r.get("rope.scale_linear") is not None else "none")
+    if kind == "none":
         return None
-    if kind in ("linear", "none", None):
-        return {"rope_type": "linear", "factor": r.float("rope.scaling.factor", factor)}
-    raise ModelLoadError(f"{r.source}: rope scaling {kind!r} is not supported (supported: linear, llama3 via rope_freqs)")
+    if kind != "linear":
+        raise ModelLoadError(f"{r.source}: rope scaling {kind!r} is not supported (supported: linear, and "
+                             "llama3 through rope_freqs)")
+    factor = r.float("rope.scaling.factor", r.get("rope.scale_linear", 1.0))
+    return None if factor == 1.0 else {"rope_type": "linear", "factor": factor}
 
 
 def hf_rope_parameters(text: dict[str, Any], source: str) -> dict[str, Any]:
     """transformers 5 `rope_parameters`, or the same built from the older `rope_theta` + `rope_scaling` keys."""
     rope = text.get("rope_parameters")
     if rope is None:
-        rope = {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0), **(text.get("rope_scaling") or {})}
+        rope = {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0),
+                **(text.get("rope_scaling") or {})}
         if "rope_local_base_freq" in text:
             rope = {"full_attention": rope, "sliding_attention": {"rope_theta": text["rope_local_base_freq"]}}
     if not isinstance(rope, dict):
@@ -239,14 +252,18 @@ def _hf_rope_scaling(rope: dict[str, Any], text: dict[str, Any], source: str) ->
     if kind == "default":
         return None
     if kind not in ROPE_TYPES:
-        raise ModelLoadError(f"{source}: rope type {kind!r} is not supported (supported: default, {', '.join(ROPE_TYPES)})")
-    scaling = {"rope_type": kind, "factor": float(rope["factor"])}
-    if kind == "llama3":
-        scaling |= {
-            "low_freq_factor": float(rope["low_freq_factor"]),
-            "high_freq_factor": float(rope["high_freq_factor"]),
-            "original_max_position_embeddings": int(
-                rope.get("original_max_position_embeddings", text.get("max_position_embeddings", 8192))
-            ),
-        }
+        raise ModelLoadError(
+            f"{source}: rope type {kind!r} is not supported (supported: default, {', '.join(ROPE_TYPES)})")
+    try:
+        scaling = {"rope_type": kind, "factor": float(rope["factor"])}
+        if kind == "llama3":
+            scaling |= {
+                "low_freq_factor": float(rope["low_freq_factor"]),
+                "high_freq_factor": float(rope["high_freq_factor"]),
+                "original_max_position_embeddings": int(
+                    rope.get("original_max_position_embeddings", text.get("max_position_embeddings", 8192))
+                ),
+            }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{source}: {kind} rope parameters are incomplete or malformed: {exc!r}") from None
     return scaling

@@ -21,7 +21,7 @@ from torch import nn
 from nbllm.errors import ModelLoadError
 from nbllm.models.attention import AttentionBackend
 from nbllm.models.base import CausalLM, build_attention, build_mlp, build_norm
-from nbllm.models.config import ModelConfig, ConfigReader, hf_rope_parameters
+from nbllm.models.config import ConfigReader, ModelConfig, hf_rope_parameters
 from nbllm.models.layers import RotaryEmbedding
 from nbllm.models.weights import WeightSource
 
