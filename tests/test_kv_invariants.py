@@ -259,5 +259,5 @@ class KVMachine(RuleBasedStateMachine):
         assert self.bm.num_used_blocks == 0 and self.bm.num_free_blocks == NUM_BLOCKS
 
 
-KVMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+KVMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
 TestKVInvariants = KVMachine.TestCase

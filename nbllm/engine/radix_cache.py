@@ -45,7 +45,7 @@ class NodeView:
 
 
 class _Node:
-    __slots__ = ("key", "blocks", "parent", "children", "last_access", "pinned", "lock", "queued", "uid")
+    __slots__ = ("blocks", "children", "key", "last_access", "lock", "parent", "pinned", "queued", "uid")
 
     def __init__(self, key: tuple[int, ...], blocks: list[int], parent: _Node | None, uid: int) -> None:
         self.key = key
