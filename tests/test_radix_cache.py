@@ -50,6 +50,9 @@ def test_insert_needs_a_block_per_full_block():
     bm, cache = setup()
     with pytest.raises(ValueError):
         cache.insert(range(8), bm.allocate(1))
+    with pytest.raises(ValueError):
+        cache.insert(range(8), [bm.allocate(1)[0], 31])  # block 31 is free: nothing may change
+    assert cache.cached_blocks() == 0 and bm.num_used_blocks == 2
 
 
 def test_second_insert_keeps_the_trees_blocks():

@@ -127,6 +127,8 @@ class RadixCache:
         if n == len(tokens):
             return 0
         new_blocks = list(blocks[n // bs : n_full])
+        if any(self.block_manager.refcount(b) == 0 for b in new_blocks):
+            raise ValueError("cannot cache a free block")
         for i, b in enumerate(new_blocks):
             if b in self._owner:
                 del new_blocks[i:]
