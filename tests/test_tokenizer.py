@@ -180,17 +180,19 @@ def test_gemma_ids_and_specials(gemma):
 
 @pytest.mark.slow
 def test_gemma_loads_in_under_a_second_warm(gemma_path, monkeypatch):
+    """CPU time, best of 3: on a shared 2-core box, wall time mostly measures the neighbours' load."""
     monkeypatch.delenv("NBLLM_CACHE_DIR")
     from_gguf(gemma_path)  # warm the cache (and the OS page cache)
-    best = min(_timed(lambda: from_gguf(gemma_path)) for _ in range(3))
-    print(f"Gemma 262k-token tokenizer warm load: {best:.3f} s (best of 3)")
-    assert best < 1.0
+    runs = [_timed(lambda: from_gguf(gemma_path)) for _ in range(3)]
+    cpu, wall = min(r[0] for r in runs), min(r[1] for r in runs)
+    print(f"Gemma 262k-token tokenizer warm load: {cpu:.3f} s CPU, {wall:.3f} s wall (best of 3)")
+    assert cpu < 1.0
 
 
 def _timed(fn):
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 @pytest.mark.slow
