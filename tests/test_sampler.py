@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from nbllm.engine.sampler import Sampler, SamplingBatch, apply_penalties, filter_thresholds
+from nbllm.engine.sampler import Sampler, SamplingBatch, apply_penalties_, filter_thresholds
 from nbllm.engine.sampling_params import SamplingParams
 
 
@@ -48,7 +48,7 @@ def hf_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def our_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     batch = build(params)
     scaled = logits / batch.temperature[:, None]
-    threshold = filter_thresholds(scaled, batch.top_k, batch.top_p, batch.min_p)
+    threshold = filter_thresholds(scaled, torch.softmax(scaled, -1), batch.top_k, batch.top_p, batch.min_p)
     return torch.softmax(scaled.masked_fill(scaled < threshold[:, None], -math.inf), dim=-1)
 
 
@@ -93,15 +93,14 @@ def test_penalties_match_transformers_and_the_openai_formula():
         SamplingParams(repetition_penalty=2.0, presence_penalty=-1.0),
     ]
     logits = torch.randn(3, 12) * 2
-    ours = apply_penalties(logits, build(params, outputs=outputs, prompts=prompts))
+    ours = apply_penalties_(logits.clone(), build(params, outputs=outputs, prompts=prompts), torch.arange(3))
     for row, p in enumerate(params):
         ids = torch.tensor([prompts[row] + outputs[row]])
         expected = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[row : row + 1].clone())[0]
         counts = torch.bincount(torch.tensor(outputs[row], dtype=torch.long), minlength=12).float()
         expected = expected - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
         torch.testing.assert_close(ours[row], expected, atol=1e-6, rtol=0)
-    assert not torch.equal(ours, logits), "penalties must not write into the caller's logits"
-    assert apply_penalties(logits, build([SamplingParams()] * 3)) is logits
+    assert not build([SamplingParams()] * 3).has_penalties
 
 
 @pytest.mark.parametrize(
@@ -200,3 +199,40 @@ def test_logprobs_are_raw_log_softmax_after_the_allowed_mask():
     assert Sampler()(logits[3:], build(params[3:], seeded([0]))).top_logprobs is None
     with pytest.raises(ValueError, match="4 rows of logits for 1 rows of sampling settings"):
         Sampler()(logits, build(params[3:], seeded([0])))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0.5, repetition_penalty=1.5, min_p=0.1)] * 2,
+        [SamplingParams(temperature=0.5, top_k=3)] * 2,
+        [SamplingParams(temperature=0.5), SamplingParams(temperature=0, presence_penalty=1.0)],
+    ],
+)
+def test_caller_logits_are_never_written(params):
+    logits = torch.randn(2, 50)
+    before = logits.clone()
+    Sampler()(logits, build(params, seeded([0, 1]), outputs=[[1, 2], [3]], prompts=[[4], [5]]))
+    assert torch.equal(logits, before)
+
+
+def test_penalties_reach_the_right_rows_of_a_mixed_batch():
+    torch.manual_seed(5)
+    logits = torch.randn(4, 30)
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=3.0),
+        SamplingParams(seed=1, frequency_penalty=2.0),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, presence_penalty=2.0),
+    ]
+    prompts, outputs = [[0, 1], [2], [3], [4]], [[logits[0].argmax().item()], [5], [6], [logits[3].argmax().item()]]
+    result = Sampler()(logits, build(params, seeded(range(4)), outputs=outputs, prompts=prompts))
+    expected = logits.clone()
+    for row in (0, 3):
+        seen = torch.tensor(prompts[row] + outputs[row])
+        expected[row] = RepetitionPenaltyLogitsProcessor(params[row].repetition_penalty)(
+            seen[None], logits[row : row + 1].clone()
+        )[0]
+        expected[row, outputs[row]] -= params[row].presence_penalty
+    assert result.token_ids[[0, 2, 3]].tolist() == expected[[0, 2, 3]].argmax(-1).tolist()
+    assert result.token_ids[3] != logits[3].argmax()

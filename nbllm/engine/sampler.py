@@ -52,6 +52,10 @@ class SamplingBatch:
     logprob_rows: torch.Tensor  # [L] long: rows with params.logprobs > 0
     max_logprobs: int
 
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.repetition_index[0].numel() or self.additive_index[0].numel())
+
     @classmethod
     def build(
         cls,
@@ -124,81 +128,112 @@ class Sampler:
             raise ValueError(
                 f"{logits.shape[0]} rows of logits for {batch.temperature.shape[0]} rows of sampling settings"
             )
-        logits = logits.to(torch.float32)
+        x = logits.to(torch.float32)
         if allowed_mask is not None:
-            logits = logits.masked_fill(~allowed_mask, -math.inf)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        processed = apply_penalties(logits, batch)
+            x = x.masked_fill(~allowed_mask, -math.inf)
+        raw_logprobs = torch.log_softmax(x, dim=-1)
+        owned = x is not logits  # else never write into it: it is the caller's
 
-        token_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         if batch.greedy_rows.numel():
-            token_ids[batch.greedy_rows] = processed[batch.greedy_rows].argmax(dim=-1)
+            greedy = _penalized_rows(x, batch.greedy_rows, batch, owned)
+            token_ids[batch.greedy_rows] = greedy.argmax(dim=-1)
         if batch.random_rows.numel():
             rows = batch.random_rows
-            scaled = processed[rows] / batch.temperature[rows, None]
-            keep_from = filter_thresholds(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
-            token_ids[rows] = sample_above(scaled, keep_from, _uniforms(batch.generators, logits.device))
+            temperature = batch.temperature[rows, None]
+            scale = bool((temperature != 1).any())
+            scaled = _penalized_rows(x, rows, batch, owned, will_write=scale)
+            if scale:
+                scaled.div_(temperature)
+            probs = torch.softmax(scaled, dim=-1)
+            keep_from = filter_thresholds(scaled, probs, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+            token_ids[rows] = sample(probs, scaled, keep_from, _uniforms(batch.generators, x.device))
 
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         return SampleResult(token_ids, sampled_logprobs, _top_logprobs(raw_logprobs, batch))
 
 
-def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Repetition (HF/vLLM: divide a positive logit, multiply a negative one) over prompt + output tokens,
-    then `frequency * count + presence` subtracted over output tokens (OpenAI/vLLM); a new tensor if changed."""
-    rep_rows, rep_ids = batch.repetition_index
-    add_rows, add_ids = batch.additive_index
-    if not rep_rows.numel() and not add_rows.numel():
-        return logits
-    logits = logits.clone()
-    if rep_rows.numel():
-        seen = logits[rep_rows, rep_ids]
-        penalty = batch.repetition_penalty
-        logits[rep_rows, rep_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    if add_rows.numel():
-        logits[add_rows, add_ids] -= batch.additive_penalty
+def _penalized_rows(
+    x: torch.Tensor, rows: torch.Tensor, batch: SamplingBatch, owned: bool, will_write: bool = False
+) -> torch.Tensor:
+    """x[rows] with those rows' penalties applied. Copies only where needed: x itself serves when `rows`
+    (sorted, distinct) is every row and x is either owned or left unwritten."""
+    if rows.numel() < x.shape[0]:
+        part = x[rows]
+    elif owned or not (will_write or batch.has_penalties):
+        part = x
+    else:
+        part = x.clone()
+    if batch.has_penalties:
+        position = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        position[rows] = torch.arange(rows.numel(), device=x.device)
+        apply_penalties_(part, batch, position)
+    return part
+
+
+def apply_penalties_(logits: torch.Tensor, batch: SamplingBatch, position: torch.Tensor) -> torch.Tensor:
+    """In place on the batch rows that `position` maps to rows of `logits` (-1: not there): repetition
+    (HF/vLLM: divide a positive logit, multiply a negative one) over prompt + output tokens, then
+    `frequency * count + presence` subtracted over output tokens (OpenAI/vLLM)."""
+    for (rows, ids), amount, multiplicative in (
+        (batch.repetition_index, batch.repetition_penalty, True),
+        (batch.additive_index, batch.additive_penalty, False),
+    ):
+        rows = position[rows]
+        here = rows >= 0
+        rows, ids, amount = rows[here], ids[here], amount[here]
+        if multiplicative:
+            seen = logits[rows, ids]
+            logits[rows, ids] = torch.where(seen > 0, seen / amount, seen * amount)
+        else:
+            logits[rows, ids] -= amount
     return logits
 
 
 def filter_thresholds(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """[R] logit thresholds that apply top-k, then top-p, then min-p (HF's order) to temperature-scaled rows:
-    the kept tokens are exactly those with `scaled >= threshold`."""
+    scaled: torch.Tensor, probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor | None:
+    """[R] logit thresholds that apply top-k, then top-p, then min-p (HF's order) to temperature-scaled rows
+    (`probs` = their softmax): the kept tokens are exactly those with `scaled >= threshold`. None: no filter."""
     vocab = scaled.shape[-1]
-    row_max = scaled.amax(dim=-1)
-    threshold = torch.where(min_p > 0, row_max + torch.log(min_p), -math.inf)
-    k_rows = ((top_k > 0) & (top_k < vocab)).nonzero().squeeze(1)
+    k_on = (top_k > 0) & (top_k < vocab)
+    k_rows, p_rows, m_rows = (on.nonzero().squeeze(1) for on in (k_on, top_p < 1, min_p > 0))
+    if not (k_rows.numel() or p_rows.numel() or m_rows.numel()):
+        return None
+    threshold = torch.full_like(top_p, -math.inf)
+    if m_rows.numel():
+        threshold[m_rows] = scaled[m_rows].amax(dim=-1) + torch.log(min_p[m_rows])
     if k_rows.numel():
         k = top_k[k_rows]
         kth = scaled[k_rows].topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None]).squeeze(1)
         threshold[k_rows] = torch.maximum(threshold[k_rows], kth)
-    p_rows = (top_p < 1).nonzero().squeeze(1)
     if p_rows.numel():
-        k_cap = torch.where((top_k[p_rows] > 0) & (top_k[p_rows] < vocab), top_k[p_rows], vocab)
-        p_cut = _top_p_thresholds(scaled[p_rows], top_p[p_rows], k_cap)
+        k_cap = torch.where(k_on[p_rows], top_k[p_rows], vocab)
+        p_cut = _top_p_thresholds(scaled[p_rows], probs, p_rows, top_p[p_rows], k_cap)
         threshold[p_rows] = torch.maximum(threshold[p_rows], p_cut)
     return threshold
 
 
-def _top_p_thresholds(scaled: torch.Tensor, top_p: torch.Tensor, k_cap: torch.Tensor) -> torch.Tensor:
+def _top_p_thresholds(
+    scaled: torch.Tensor, probs: torch.Tensor, prob_rows: torch.Tensor, top_p: torch.Tensor, k_cap: torch.Tensor
+) -> torch.Tensor:
     """For each row, the smallest logit among the largest ones whose *preceding* mass is below p, the mass
     taken over the row's top-k set (`k_cap` tokens; the vocabulary size when top-k is off). HF's rule: remove
     a token once the mass strictly above it reaches p.
 
     Works on the largest `n` logits only, n covering every top-k set and growing eightfold while a row without
     top-k has not reached p: a peaked LM distribution settles in the first round, a flat one ends in a full
-    sort of that row alone. The threshold is a value, the same for any n, so batch neighbours cannot move it."""
+    sort of that row alone. The threshold is a value, the same for any n, so batch neighbours cannot move it.
+    Row i of `scaled` is row `prob_rows[i]` of `probs`."""
     vocab = scaled.shape[-1]
-    probs = torch.softmax(scaled, dim=-1)
     result = torch.empty_like(top_p)
     pending = torch.arange(scaled.shape[0], device=scaled.device)
     n = max(_TOP_P_FIRST_CANDIDATES, int(k_cap.masked_fill(k_cap == vocab, 0).max()))
     while pending.numel():
         n = min(n, vocab)
         cap = k_cap[pending]
-        values, ids = scaled[pending].topk(n, dim=-1)
-        cand = probs[pending[:, None], ids].masked_fill(torch.arange(n, device=ids.device) >= cap[:, None], 0)
+        values, ids = _rows(scaled, pending).topk(n, dim=-1)
+        cand = probs[prob_rows[pending, None], ids].masked_fill(torch.arange(n, device=ids.device) >= cap[:, None], 0)
         mass = cand.cumsum(dim=-1)
         whole_set = cap <= n  # the row's top-k set is all among the candidates, so its mass is known
         total = torch.where(whole_set, mass[:, -1], torch.ones_like(top_p[pending]))
@@ -210,11 +245,19 @@ def _top_p_thresholds(scaled: torch.Tensor, top_p: torch.Tensor, k_cap: torch.Te
     return result
 
 
-def sample_above(scaled: torch.Tensor, threshold: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling from softmax(scaled) restricted to `scaled >= threshold`, one uniform in [0, 1)
-    per row; the CDF runs in token-id order, so the pick depends on the kept set alone."""
-    weights = torch.softmax(scaled, dim=-1).masked_fill_(scaled < threshold[:, None], 0)
-    cdf = weights.cumsum_(dim=-1)
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows], without the copy when `rows` (sorted, distinct) is every row."""
+    return x if rows.numel() == x.shape[0] else x[rows]
+
+
+def sample(
+    probs: torch.Tensor, scaled: torch.Tensor, threshold: torch.Tensor | None, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Inverse-CDF sampling from `probs` restricted to `scaled >= threshold`, one uniform in [0, 1) per row;
+    the CDF runs in token-id order, so the pick depends on the kept set alone. Overwrites `probs`."""
+    if threshold is not None:
+        probs.masked_fill_(scaled < threshold[:, None], 0)
+    cdf = probs.cumsum_(dim=-1)
     total = cdf[:, -1]
     # u * total < total keeps the pick on a token with weight > 0 (searchsorted finds cdf[i-1] <= x < cdf[i]).
     target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
