@@ -8,12 +8,12 @@ Three choices shape the code:
 * Every filter is a per-row logit *threshold*. Top-k keeps logits >= the k-th largest value, top-p keeps the
   largest logits down to the first one whose preceding mass reaches p, min-p keeps logits >= max + log(min_p).
   So one comparison against max(thresholds) applies all three, ties at a boundary are all kept (as HF's
-  top-k does), and only rows that ask for top-p ever sort, and then only their largest candidates.
+  top-k does), and only rows that ask for top-k or top-p ever sort, and then only their largest candidates.
 * Sampling is by inverse CDF with ONE uniform per row drawn from that row's own generator: the kept weights
   are summed in token-id order (`cumsum`, sequential per row on CPU) and the token where `u * total` falls is
   picked. A row's token therefore depends on its own logits, parameters and generator only, never on what
-  else is batched or in which order. (vLLM's exponential race needs V random numbers per row per step:
-  ~18 ms a row for V = 262144 on a 2-core CPU, against microseconds for one uniform.)
+  else is batched or in which order. (vLLM's exponential race draws V exponentials per row per step; on
+  these 2 CPU cores that costs ~6x a log-softmax over a whole [32, 262144] batch, one uniform costs nothing.)
 * `SampleResult.logprobs` follows vLLM V1's default (`logprobs_mode="raw_logprobs"`): log-softmax of the
   logits as the model produced them, after the allowed-token mask (vLLM applies the grammar bitmask before
   its sampler) and before penalties, temperature and filters.
