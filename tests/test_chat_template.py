@@ -6,7 +6,12 @@ import pytest
 
 from nbllm.errors import ChatTemplateError
 from nbllm.tokenizer import ChatTemplate
-from nbllm.tokenizer.chat_template import CHATML_TEMPLATE, FALLBACK_TEMPLATE, GEMMA_TEMPLATE, builtin_template
+from nbllm.tokenizer.chat_template import (
+    CHATML_TEMPLATE,
+    FALLBACK_TEMPLATE,
+    GEMMA_TEMPLATE,
+    builtin_template,
+)
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

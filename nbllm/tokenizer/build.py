@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections import Counter
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -125,7 +125,7 @@ class ChatTemplate:
             raise
         except jinja2.exceptions.SecurityError as exc:
             raise ChatTemplateError(f"the chat template tried something unsafe ({exc}); use a trusted template") from None
-        except Exception as exc:  # anything a template can raise: report, keep the engine alive
+        except Exception as exc:  # noqa: BLE001 (anything a template raises must become one clear error)
             raise ChatTemplateError(f"the chat template failed to render: {type(exc).__name__}: {exc}") from None
         finally:
             _iterations_left.reset(token)
@@ -171,14 +171,14 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                     raise ChatTemplateError("the chat template repeats a sequence beyond the size limit; it is runaway or hostile")
         if operator == "%":
             _check_format_string(left)
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-            if max(left.bit_length(), 1) * right > MAX_POWER_BITS:
-                raise ChatTemplateError("the chat template computes an absurdly large power; it is runaway or hostile")
+        power = operator == "**" and isinstance(left, int) and isinstance(right, int)
+        if power and max(left.bit_length(), 1) * right > MAX_POWER_BITS:
+            raise ChatTemplateError("the chat template computes an absurdly large power; it is runaway or hostile")
         return _size_checked(super().call_binop(context, operator, left, right))
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's signature)
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         _check_int_args([*args, *kwargs.values()])
-        return _size_checked(super().call(__context, __obj, *args, **kwargs))
+        return _size_checked(super().call(context, obj, *args, **kwargs))
 
     def wrap_str_format(self, value: Any) -> Any:
         wrapped = super().wrap_str_format(value)
@@ -230,7 +230,7 @@ def _strftime_now(fmt: str) -> str:
 class _GenerationTag(Extension):
     """transformers' `{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders its body."""
 
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser: Any) -> nodes.Node:
         lineno = next(parser.stream).lineno

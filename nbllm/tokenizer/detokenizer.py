@@ -41,7 +41,6 @@ class Detokenizer:
     def _emit(self, delta: str) -> str:
         if self._strip_space and delta:
             self._strip_space = False
-            if delta.startswith(" "):
-                delta = delta[1:]
+            delta = delta.removeprefix(" ")
         self.text += delta
         return delta

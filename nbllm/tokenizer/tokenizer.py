@@ -17,8 +17,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nbllm.errors import TokenizerError
 from nbllm.gguf.reader import open_gguf
-from nbllm.tokenizer.chat_template import ChatTemplate, builtin_template
 from nbllm.tokenizer.build import SPACE, load_or_build
+from nbllm.tokenizer.chat_template import ChatTemplate, builtin_template
 from nbllm.tokenizer.vocab import EOG_TEXTS, Kind, TokenType, Vocab, vocab_from_metadata
 
 
