@@ -1,0 +1,280 @@
+"""`EngineCore.step()`: schedule → run → sample → update → finish. The loop every front-end drives.
+
+The core is synchronous and single-threaded on purpose: `LLM.generate` calls `step()` until its requests are
+done, `AsyncLLM` calls it from a background thread. Each step is one batched forward over every scheduled
+sequence and one batched sampling call; per-token Python work is limited to appending ids, feeding the
+incremental detokenizer and checking stops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from nbllm.engine.block_manager import BlockManager, BlockTable
+from nbllm.engine.model_runner import KVPool, ModelRunner
+from nbllm.engine.outputs import RequestMetrics, RequestOutput
+from nbllm.engine.radix_cache import RadixCache
+from nbllm.engine.sampler import Sampler, SamplingBatch
+from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from nbllm.engine.sequence import Request, Sequence, SequenceStatus
+from nbllm.engine.stop import StopChecker
+from nbllm.errors import NbllmError
+from nbllm.models.base import CausalLM
+from nbllm.models.config import ModelConfig
+from nbllm.tokenizer import Detokenizer, Tokenizer
+
+
+class PromptTooLongError(NbllmError, ValueError):
+    """A prompt that cannot fit the model's context or the KV cache."""
+
+
+@dataclass
+class EngineStats:
+    """Running totals the notebook dashboards draw; plain numbers, no widget knowledge here."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_tokens_computed: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens_computed: int = 0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    preemptions: int = 0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: CausalLM,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        scheduler_config: SchedulerConfig,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.block_size = block_size
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.radix = RadixCache(self.blocks) if scheduler_config.enable_prefix_caching else None
+        self.scheduler = Scheduler(scheduler_config, self.blocks, self.radix)
+        self.runner = ModelRunner(model, config, num_blocks, block_size)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.seed = seed
+        self._request_counter = 0
+        self.totals = EngineStats()
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Request:
+        """Queue a request; checks that it can ever fit before any work is done."""
+        if request_id in self.requests:
+            raise NbllmError(f"request id {request_id!r} is already in use; pick a unique id")
+        limit = self.scheduler.config.max_model_len
+        if not prompt_token_ids:
+            raise PromptTooLongError("the prompt is empty; give at least one token")
+        if len(prompt_token_ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_token_ids)} tokens but the context holds {limit}; shorten the prompt"
+            )
+        capacity = self.blocks.num_blocks * self.block_size
+        if len(prompt_token_ids) + 1 > capacity:
+            raise PromptTooLongError(
+                f"the prompt needs {len(prompt_token_ids) + 1} KV slots but the cache has {capacity}; "
+                "raise kv_cache_tokens or shorten the prompt"
+            )
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise NbllmError(f"prompt token ids must be in [0, {vocab}); got an id outside that range")
+        request = Request(request_id, prompt, list(prompt_token_ids), params,
+                          RequestMetrics(arrival_time=time.perf_counter(), prompt_tokens=len(prompt_token_ids)))
+        request.seqs.append(self._new_sequence(request, 0, list(prompt_token_ids)))
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        self.totals.prompt_tokens += len(prompt_token_ids)
+        return request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        generator = None
+        if not params.is_greedy:
+            generator = torch.Generator(device="cpu")
+            seed = params.seed if params.seed is not None else self.seed * 1_000_003 + self._request_counter
+            generator.manual_seed(seed + index * 7919)
+        self._request_counter += 1
+        return Sequence(
+            request=request,
+            index=index,
+            token_ids=token_ids,
+            table=BlockTable(),
+            generator=generator,
+            detokenizer=Detokenizer(self.tokenizer, at_start=False),
+            stop_checker=StopChecker(params.stop_strings, params.include_stop_str_in_output),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks are released (full blocks stay in the prefix cache)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled sequence by one forward; returns outputs of requests that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_work():
+                raise NbllmError("the KV cache is too small to run any waiting request; raise kv_cache_tokens")
+            return []
+        now = time.perf_counter()
+        for seq, _ in batch.seqs:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        ready, logits = self.runner.execute(batch)
+        elapsed = time.perf_counter() - now
+        self._account(batch, elapsed)
+        for seq, n in batch.seqs:
+            seq.num_computed += n
+            self.scheduler.cache_computed(seq)
+        touched: dict[str, Request] = {}
+        rows, seqs = self._expand_forks(ready)
+        if seqs:
+            result = self.sampler(logits[torch.tensor(rows, device=logits.device)], self._sampling_batch(seqs))
+            tokens = result.token_ids.tolist()
+            chosen = result.logprobs.tolist()
+            for i, seq in enumerate(seqs):
+                self._append(seq, tokens[i], chosen[i], result, i)
+                touched[seq.request.request_id] = seq.request
+        return [self._output(r) for r in touched.values()]
+
+    def _account(self, batch: ScheduledBatch, elapsed: float) -> None:
+        """Split the step's time between prefill and decode tokens (in proportion to their count)."""
+        t = self.totals
+        t.steps += 1
+        t.preemptions += batch.num_preempted
+        decode = sum(1 for s, n in batch.seqs if n == 1 and s.num_computed == s.num_tokens - 1 > s.num_prompt_tokens - 1)
+        prefill = batch.num_tokens - decode
+        t.prefill_tokens_computed += prefill
+        t.decode_tokens_computed += decode
+        t.prefill_seconds += elapsed * prefill / batch.num_tokens
+        t.decode_seconds += elapsed * decode / batch.num_tokens
+
+    def _expand_forks(self, ready: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+        """Rows of the logits to sample and the sequence each goes to; forks n > 1 requests after their prompt."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, seq in enumerate(ready):
+            request = seq.request
+            if not request.forked:
+                request.forked = True
+                for index in range(1, request.params.n):
+                    child = self._new_sequence(request, index, list(seq.token_ids))
+                    child.table = self.blocks.fork(seq.table)
+                    child.num_computed = seq.num_computed
+                    request.seqs.append(child)
+                    self.scheduler.add_running(child)
+                    rows.append(row)
+                    seqs.append(child)
+            rows.append(row)
+            seqs.append(seq)
+        return rows, seqs
+
+    def _sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
+        return SamplingBatch.build(
+            params=[s.params for s in seqs],
+            generators=[s.generator for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            prompt_token_ids=[s.request.prompt_token_ids for s in seqs],
+            device=self.runner.device,
+        )
+
+    def _append(self, seq: Sequence, token: int, logprob: float, result, row: int) -> None:
+        request, params = seq.request, seq.params
+        now = time.perf_counter()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            entry = {token: logprob}
+            if result.top_logprobs is not None:
+                ids, values = result.top_logprobs
+                entry.update(zip(ids[row].tolist(), values[row].tolist()))
+            seq.logprobs.append(entry)
+        request.metrics.generated_tokens += 1
+        self.totals.generated_tokens += 1
+        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        delta = "" if is_eos else seq.detokenizer.add(token)
+        seq.text += delta
+        if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
+            seq.finish_reason, seq.stop_reason = "stop", (None if is_eos else token)
+        else:
+            hit = seq.stop_checker.check(seq.text, len(delta))
+            if hit is not None:
+                seq.text = seq.text[: hit.truncate_at]
+                seq.finish_reason, seq.stop_reason = "stop", hit.stop
+            elif len(seq.output_token_ids) >= params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.scheduler.config.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.text += seq.detokenizer.flush() if seq.finish_reason == "length" else ""
+            self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        out = request.output()
+        if out.finished:
+            request.metrics.finished_time = time.perf_counter()
+            self.totals.cached_prompt_tokens += request.metrics.cached_prompt_tokens
+            self.requests.pop(request.request_id, None)
+        return out
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, float | int]:
+        t = self.totals
+        return {
+            "prompt_tokens": t.prompt_tokens,
+            "cached_prompt_tokens": t.cached_prompt_tokens,
+            "generated_tokens": t.generated_tokens,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_used_blocks,
+            "kv_blocks_cached": self.radix.cached_blocks() if self.radix else 0,
+            "block_size": self.block_size,
+            "prefill_tok_s": t.prefill_tokens_computed / t.prefill_seconds if t.prefill_seconds else 0.0,
+            "decode_tok_s": t.decode_tokens_computed / t.decode_seconds if t.decode_seconds else 0.0,
+            "steps": t.steps,
+            "preemptions": t.preemptions,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+    def reset_prefix_cache(self) -> None:
+        if self.radix is not None:
+            self.radix.reset()
+
+
+def num_blocks_for(config: ModelConfig, block_size: int, dtype: torch.dtype, *, kv_cache_tokens: int | None,
+                   memory_bytes: int) -> int:
+    """KV blocks from an explicit token count, else from a memory budget."""
+    if kv_cache_tokens is not None:
+        return max(1, -(-kv_cache_tokens // block_size))
+    return max(1, memory_bytes // KVPool.bytes_per_block(config, block_size, dtype))

@@ -1,0 +1,157 @@
+"""`LLM`: vLLM's offline API over the engine core — load a model, `generate` many prompts, `chat`.
+
+All prompts of a call are queued at once and run with continuous batching; results come back in input order.
+An interrupt (Ctrl-C, a notebook's stop button) aborts the call's requests and frees their blocks before it
+propagates, so the engine serves the next call as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbllm.defaults import default_model_path
+from nbllm.engine.core import EngineCore, num_blocks_for
+from nbllm.engine.outputs import RequestOutput
+from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.scheduler import SchedulerConfig
+from nbllm.errors import NbllmError
+from nbllm.loader import load_model
+from nbllm.tokenizer import Tokenizer, from_gguf
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, Any]
+
+_CPU_KV_BYTES = 1 << 30
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` is CUDA when present, else CPU; asking for CUDA without it is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NbllmError("device='cuda' was asked for but CUDA is not available here; use device='cpu'")
+    return device
+
+
+class LLM:
+    """An in-process engine for one model (the embedded Gemma 3 270M when `model` is None)."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        n_gpu_layers: int | None = None,
+        dtype: torch.dtype | None = None,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        path = Path(model) if model is not None else default_model_path()
+        dev = resolve_device(device)
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        self.model_path = path
+        self.model, self.config = load_model(path, device=dev, dtype=dtype)
+        self.tokenizer: Tokenizer = self._load_tokenizer(path)
+        max_len = min(max_model_len or self.config.max_positions, self.config.max_positions)
+        memory = _CPU_KV_BYTES if dev.type == "cpu" else int(torch.cuda.mem_get_info(dev)[0] * 0.8)
+        num_blocks = num_blocks_for(self.config, block_size, dtype, kv_cache_tokens=kv_cache_tokens, memory_bytes=memory)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or (1024 if dev.type == "cpu" else 8192),
+            max_model_len=max_len,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.engine = EngineCore(self.model, self.config, self.tokenizer, num_blocks=num_blocks, block_size=block_size,
+                                 scheduler_config=scheduler_config, seed=seed)
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _load_tokenizer(path: Path) -> Tokenizer:
+        if path.is_dir():
+            from nbllm.tokenizer import from_hf_dir
+
+            return from_hf_dir(path)
+        return from_gguf(path)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs in input order."""
+        prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        params = _broadcast(sampling_params, len(prompt_list))
+        encoded = [self._encode(p) for p in prompt_list]  # every prompt is checked before any work
+        ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
+        try:
+            for request_id, (text, token_ids), p in zip(ids, encoded, params):
+                self.engine.add_request(request_id, token_ids, p, prompt=text)
+            results: dict[str, RequestOutput] = {}
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """OpenAI-style messages (one conversation or a list of them) through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        token_lists = [self.chat_prompt_ids(conv, add_generation_prompt=add_generation_prompt) for conv in conversations]
+        return self.generate(token_lists, sampling_params)
+
+    def chat_prompt_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        # Templates write BOS themselves; encoding must not add a second one.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, float | int]:
+        """Engine totals: tokens, cache hits, KV blocks, prefill/decode throughput (what dashboards draw)."""
+        return self.engine.stats()
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], int))
+
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise NbllmError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
+    return params
