@@ -13,8 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nbllm.kernels.paged_attention import (
+    paged_attention,
+    plan_paged_attention,
+    run_paged_attention,
+    store_kv,
+)
 
-from nbllm.kernels.paged_attention import paged_attention, plan_paged_attention, run_paged_attention, store_kv
 from nbllm.models.attention import causal_attention
 
 
