@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from nbllm.errors import ModelLoadError
 from nbllm.gguf import GGUFFile, open_gguf
+from nbllm.gguf.dequant_cache import DequantCache
 from nbllm.gguf.quants import dequantize
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
@@ -32,11 +33,17 @@ _HF_PREFIXES = (
 )
 
 
+# Files smaller than this decode faster than a cache entry is written and checked.
+_DEQUANT_CACHE_MIN_BYTES = 32 << 20
+
+
 class GGUFWeights(WeightSource):
     def __init__(self, file: GGUFFile, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None) -> None:
         super().__init__(file.path, dtype=dtype, device=device, fixups=fixups)
         self.file = file
         self._names = frozenset(file.tensors)
+        big = file.path.stat().st_size >= _DEQUANT_CACHE_MIN_BYTES
+        self.cache = DequantCache(file) if big else None
 
     def names(self) -> frozenset[str]:
         return self._names
@@ -45,10 +52,18 @@ class GGUFWeights(WeightSource):
         return self.file.tensors[name].shape
 
     def _read(self, name: str) -> torch.Tensor:
+        cached = self.cache.get(name) if self.cache is not None else None
+        if cached is not None:
+            return cached
         info = self.file.tensors[name]
-        t = dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
-        # F32 decodes to a view of the read-only mmap, where an in-place write would crash the process.
-        return t.clone() if info.qtype == gguf.GGMLQuantizationType.F32 else t
+        tensor = dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
+        if self.cache is not None:
+            self.cache.put(name, tensor)
+        return tensor
+
+    def finish(self) -> None:
+        if self.cache is not None:
+            self.cache.save()
 
 
 class SafetensorsWeights(WeightSource):
@@ -99,6 +114,7 @@ def load_model(
     else:
         raise ModelLoadError(f"{path}: no such file or directory")
     model = spec.model_class(config, weights)
+    weights.finish()
     return model.eval(), config
 
 

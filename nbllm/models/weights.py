@@ -42,6 +42,9 @@ class WeightSource(ABC):
     def _read(self, name: str) -> torch.Tensor:
         """The tensor decoded to a float dtype on the CPU, safe to keep: never a view of a read-only mapping."""
 
+    def finish(self) -> None:
+        """Called once the model is built: a source may persist what it decoded (see `DequantCache`)."""
+
     def has(self, name: str) -> bool:
         return name in self.names()
 
