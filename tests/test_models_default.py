@@ -54,22 +54,49 @@ def test_default_model_logits_match_transformers_gguf_loader(default_model_path,
     assert (ours - theirs).abs().max().item() <= 1e-3
 
 
+# llama.cpp multiplies quantized weights with 8-bit-quantized activations and keeps an f16 KV cache, so its
+# logits sit ~0.1-0.3 (at most ~1) away from the exact fp32 forward, which ours is (it equals transformers').
+# Two near-tied tokens can therefore swap order: where the two models' margins between llama.cpp's pick and
+# ours add up to less than MAX_SWING, either token is a faithful greedy step.
+MAX_SWING = 1.0
+
+
+def _llamacpp_cases():
+    if not LLAMACPP_GREEDY.exists():
+        return []
+    data = json.loads(LLAMACPP_GREEDY.read_text(encoding="utf-8"))
+    return [pytest.param(case, data["eog_token_ids"], id=case["name"]) for case in data["results"]]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not LLAMACPP_GREEDY.exists(), reason="tests/data/llamacpp_greedy.json not generated yet")
-def test_default_model_greedy_matches_llama_cpp(default_model):
-    """Fed llama.cpp's own prompt ids, our first 16 greedy tokens equal llama.cpp's.
+@pytest.mark.parametrize(("case", "eog"), _llamacpp_cases())
+def test_default_model_greedy_matches_llama_cpp(default_model, case, eog):
+    """Fed llama.cpp's own prompt ids (no tokenizer involved), we continue as llama.cpp does.
 
-    A divergence is only accepted at a step where llama.cpp's top two logits are within float noise of
-    each other (its Q8 activations may legitimately flip a near-tie); the comparison stops there.
+    Teacher-forced on llama.cpp's tokens: our logit for each of its picks is close to its own logit, and each
+    pick is our argmax or a near-tie swap. Free-running: our first 16 greedy tokens equal llama.cpp's up to the
+    first near-tie where the picks differ.
     """
-    data = json.loads(LLAMACPP_GREEDY.read_text(encoding="utf-8"))
-    for case in data["results"]:
-        expected = case["generated_token_ids"][:16]
-        ours = greedy_generate(default_model, case["prompt_token_ids"], len(expected), eos_ids=data["eog_token_ids"])
-        for step, (a, b) in enumerate(zip(ours, expected)):
-            if a != b:
-                (_, best), (_, runner_up) = case["top2"][step]
-                assert best - runner_up < 0.05, f"{case['name']}: step {step}: ours {a}, llama.cpp {b}"
-                break
-        else:
-            assert ours == expected, case["name"]
+    prompt, generated = case["prompt_token_ids"], case["generated_token_ids"]
+    seq = prompt + generated
+    cache = DenseKVCache()
+    cache.prepare([0], [len(seq)])
+    with torch.inference_mode():
+        logits = default_model.compute_logits(default_model(torch.tensor(seq), torch.arange(len(seq)), cache))
+    logits = logits[len(prompt) - 1 : len(seq) - 1]
+    steps = torch.arange(len(generated))
+    picked = logits[steps, torch.tensor(generated)]
+    llamacpp_logit = torch.tensor([best_logit for (_, best_logit), _ in case["top2"]])
+    gaps = (picked - llamacpp_logit).abs()
+    assert gaps.mean() < 0.5 and gaps.max() < 1.5, f"logits far from llama.cpp's: {gaps.tolist()}"
+    our_margin = logits.max(-1).values - picked  # 0 where we pick the same token
+    llamacpp_margin = torch.tensor([best - runner_up for (_, best), (_, runner_up) in case["top2"]])
+    swing = torch.where(our_margin > 0, our_margin + llamacpp_margin, 0.0)
+    assert (swing < MAX_SWING).all(), f"picks differ beyond a near-tie: {swing.tolist()}"
+
+    expected = generated[:16]
+    differ = (logits.argmax(-1) != torch.tensor(generated)).tolist()[:16]
+    agree = differ.index(True) if True in differ else len(expected)
+    ours = greedy_generate(default_model, prompt, len(expected), eos_ids=eog)
+    assert ours[:agree] == expected[:agree]
