@@ -57,6 +57,8 @@ class GGUFWeights(WeightSource):
             return cached
         info = self.file.tensors[name]
         tensor = dequantize(self.file.tensor_bytes_torch(name), info.qtype, info.shape, tensor_name=name)
+        if info.qtype == gguf.GGMLQuantizationType.F32:
+            tensor = tensor.clone()  # F32 decodes to a view of the read-only mmap: a write there kills the process
         if self.cache is not None:
             self.cache.put(name, tensor)
         return tensor

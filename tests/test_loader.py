@@ -154,3 +154,12 @@ def test_hf_dir_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
         load_model(tmp_path)
+
+
+def test_gguf_weights_are_writable_not_views_of_the_read_only_mapping(tiny_model):
+    """An in-place op on a loaded weight must not touch the file's read-only mmap (that would kill the process)."""
+    path, _ = tiny_model("qwen2", "f32")
+    model, _ = load_model(path)
+    model.norm.weight.add_(1.0)
+    model.layers[0].attn.q_proj.bias.mul_(2.0)
+    assert torch.isfinite(model.norm.weight).all()
