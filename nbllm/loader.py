@@ -104,15 +104,17 @@ class SafetensorsWeights(WeightSource):
 
 
 def load_model(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | GGUFFile, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CausalLM, ModelConfig]:
-    """Load a GGUF file or an HF safetensors directory; raises `ModelLoadError` naming the file on any problem."""
-    path = Path(path)
+    """Load a GGUF file (a path, or one already open) or an HF safetensors directory; raises `ModelLoadError`
+    naming the file on any problem."""
     device = torch.device(device)
-    if path.is_dir():
+    if isinstance(path, GGUFFile):
+        weights, config, spec = _open_gguf(path, dtype, device)
+    elif (path := Path(path)).is_dir():
         weights, config, spec = _open_hf(path, dtype, device)
     elif path.is_file():
-        weights, config, spec = _open_gguf(path, dtype, device)
+        weights, config, spec = _open_gguf(open_gguf(path), dtype, device)
     else:
         raise ModelLoadError(f"{path}: no such file or directory")
     model = spec.model_class(config, weights)
@@ -120,8 +122,8 @@ def load_model(
     return model.eval(), config
 
 
-def _open_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
-    file = open_gguf(path)
+def _open_gguf(file: GGUFFile, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+    path = file.path
     spec = spec_for_gguf(file.architecture, str(path))
     config = ModelConfig.from_gguf_metadata(file.metadata, source=str(path))
     # The metadata cannot say whether the head is tied: llama.cpp ties it when output.weight is absent.

@@ -19,9 +19,13 @@ from nbllm.engine.core import EngineCore, num_blocks_for
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import SchedulerConfig
+from nbllm.engine.spec_decode import SpeculativeConfig
 from nbllm.errors import NbllmError
 from nbllm.loader import load_model
-from nbllm.tokenizer import Tokenizer, from_gguf
+from nbllm.gguf import open_gguf
+from nbllm.models.base import CausalLM
+from nbllm.models.config import ModelConfig
+from nbllm.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, Any]
@@ -56,13 +60,15 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
+        speculative_tokens: int = 0,
+        ngram_max: int = 3,
+        ngram_min: int = 1,
     ) -> None:
         path = Path(model) if model is not None else default_model_path()
         dev = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         self.model_path = path
-        self.model, self.config = load_model(path, device=dev, dtype=dtype)
-        self.tokenizer: Tokenizer = self._load_tokenizer(path)
+        self.model, self.config, self.tokenizer = _load(path, dev, dtype)
         max_len = min(max_model_len or self.config.max_positions, self.config.max_positions)
         memory = _CPU_KV_BYTES if dev.type == "cpu" else int(torch.cuda.mem_get_info(dev)[0] * 0.8)
         num_blocks = num_blocks_for(self.config, block_size, dtype, kv_cache_tokens=kv_cache_tokens, memory_bytes=memory)
@@ -72,17 +78,11 @@ class LLM:
             max_model_len=max_len,
             enable_prefix_caching=enable_prefix_caching,
         )
+        # Prompt-lookup speculative decoding (off by default): up to `speculative_tokens` drafts per step.
+        speculative = SpeculativeConfig(speculative_tokens, ngram_max, ngram_min) if speculative_tokens else None
         self.engine = EngineCore(self.model, self.config, self.tokenizer, num_blocks=num_blocks, block_size=block_size,
-                                 scheduler_config=scheduler_config, seed=seed)
+                                 scheduler_config=scheduler_config, seed=seed, speculative=speculative)
         self._ids = itertools.count()
-
-    @staticmethod
-    def _load_tokenizer(path: Path) -> Tokenizer:
-        if path.is_dir():
-            from nbllm.tokenizer import from_hf_dir
-
-            return from_hf_dir(path)
-        return from_gguf(path)
 
     # ------------------------------------------------------------------ generation
 
@@ -140,6 +140,15 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+
+def _load(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[CausalLM, ModelConfig, Tokenizer]:
+    """Model and tokenizer from one open GGUF (its header is parsed once)."""
+    if path.is_dir():
+        raise NbllmError(f"{path}: LLM() needs a GGUF file (it carries the tokenizer); load HF folders with load_model")
+    file = open_gguf(path)
+    model, config = load_model(file, device=device, dtype=dtype)
+    return model, config, Tokenizer.from_metadata(file.metadata)
 
 
 def _is_single_prompt(prompts: Any) -> bool:

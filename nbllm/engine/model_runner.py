@@ -1,4 +1,4 @@
-"""Runs one scheduled step through the model: batch tensors in, logits of the sequences that need a token out.
+"""Runs one scheduled step through the model: batch tensors in, logits of the sequences that need tokens out.
 
 The runner owns the KV pool (per layer, `[num_blocks, block_size, kv_heads, head_dim]` for K and for V) and turns a
 `ScheduledBatch` into flat tensors the way vLLM does: the new tokens of every sequence concatenated, their
@@ -25,8 +25,10 @@ class KVPool:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # Uninitialised on purpose: zeroing a GiB costs a second at start-up, and attention never reads a slot
+        # before it is written (stale slots inside gathered blocks are zeroed by the kernel).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
@@ -70,7 +72,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the step; returns the sequences whose pending tokens are now all computed, and their logits rows."""
+        """Run the step; returns the sequences whose pending tokens are now all computed, and their logits rows.
+
+        A ready sequence gets `1 + len(seq.spec_token_ids)` consecutive rows, in batch order: the next-token
+        logits after its last token and after each of its draft tokens (one row when it has no draft).
+        """
         self.pool.copy_blocks(batch.copies)
         ids: list[int] = []
         positions: list[int] = []
@@ -78,21 +84,23 @@ class ModelRunner:
         cu = [0]
         context_lens: list[int] = []
         tables: list[list[int]] = []
-        last_rows: list[int] = []
+        logit_rows: list[int] = []
         ready: list[Sequence] = []
         bs = self.pool.block_size
         for seq, n in batch.seqs:
             start, end = seq.num_computed, seq.num_computed + n
+            draft = seq.spec_token_ids
             ids.extend(seq.token_ids[start:end])
+            ids.extend(draft[: max(0, end - seq.num_tokens)])
             positions.extend(range(start, end))
             blocks = seq.table.blocks
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             cu.append(cu[-1] + n)
             context_lens.append(end)
             tables.append(blocks)
-            if end == seq.num_tokens:
+            if end == seq.num_tokens + len(draft):
                 ready.append(seq)
-                last_rows.append(cu[-1] - 1)
+                logit_rows.extend(range(cu[-1] - 1 - len(draft), cu[-1]))
         width = max(len(t) for t in tables)
         table_tensor = torch.zeros((len(tables), width), dtype=torch.int32)
         for i, t in enumerate(tables):
@@ -108,5 +116,5 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), attn)
         if not ready:
             return [], hidden.new_empty((0, self.config.vocab_size))
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)])
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
         return ready, logits

@@ -20,13 +20,15 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from nbllm.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -310,10 +312,13 @@ class GGUFFile:
 
     def tensor_bytes_torch(self, name: str) -> torch.Tensor:
         """The same bytes as a torch uint8 tensor; callers only read it (the mapping is read-only)."""
+        import warnings
+
+        import torch  # here, not at the top: reading a vocabulary alone should not pay torch's import
+
         info = self.tensor_info(name)
         if info.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write it
