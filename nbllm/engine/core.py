@@ -18,10 +18,11 @@ from nbllm.engine.block_manager import BlockManager, BlockTable
 from nbllm.engine.model_runner import KVPool, ModelRunner
 from nbllm.engine.outputs import RequestMetrics, RequestOutput
 from nbllm.engine.radix_cache import RadixCache
-from nbllm.engine.sampler import Sampler, SamplingBatch
+from nbllm.engine.sampler import SampleResult, Sampler, SamplingBatch
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from nbllm.engine.sequence import Request, Sequence, SequenceStatus
+from nbllm.engine.spec_decode import SpeculativeConfig, num_accepted, propose_ngram
 from nbllm.engine.stop import StopChecker
 from nbllm.errors import NbllmError
 from nbllm.models.base import CausalLM
@@ -46,6 +47,8 @@ class EngineStats:
     decode_seconds: float = 0.0
     steps: int = 0
     preemptions: int = 0
+    spec_proposed: int = 0  # draft tokens verified
+    spec_accepted: int = 0  # of those, confirmed by the target model
 
 
 class EngineCore:
@@ -59,6 +62,7 @@ class EngineCore:
         block_size: int = 16,
         scheduler_config: SchedulerConfig,
         seed: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.block_size = block_size
@@ -69,6 +73,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.seed = seed
+        self.speculative = speculative
         self._request_counter = 0
         self.totals = EngineStats()
 
@@ -139,11 +144,40 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Advance every scheduled sequence by one forward; returns outputs of requests that changed."""
+        ready, logits = self.forward()
+        touched: dict[str, Request] = {}
+        targets = self._expand_forks(ready)
+        if targets:
+            rows: list[int] = []
+            seqs: list[Sequence] = []
+            outputs: list[list[int]] = []
+            for seq, first in targets:  # one row per draft token, plus the one after the last
+                draft = seq.spec_token_ids
+                for r in range(len(draft) + 1):
+                    rows.append(first + r)
+                    seqs.append(seq)
+                    outputs.append(seq.output_token_ids + draft[:r])
+            result = self.sampler(logits[torch.tensor(rows, device=logits.device)],
+                                  self._sampling_batch(seqs, outputs))
+            tokens = result.token_ids.tolist()
+            chosen = result.logprobs.tolist()
+            row = 0
+            for seq, _ in targets:
+                k = len(seq.spec_token_ids)
+                self._accept(seq, tokens[row : row + k + 1], chosen, result, row)
+                touched[seq.request.request_id] = seq.request
+                row += k + 1
+        return [self._output(r) for r in touched.values()]
+
+    def forward(self) -> tuple[list[Sequence], torch.Tensor]:
+        """Schedule and run one batch: the sequences whose pending tokens are now all computed and their logits
+        rows (`ModelRunner.execute`). K/V of draft tokens are written but not yet counted in `num_computed`:
+        the caller accepts or rolls them back. `step()` samples from the rows; beam search ranks them."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_work():
                 raise NbllmError("the KV cache is too small to run any waiting request; raise kv_cache_tokens")
-            return []
+            return [], torch.empty((0, self.config.vocab_size))
         now = time.perf_counter()
         for seq, _ in batch.seqs:
             if seq.request.metrics.first_scheduled_time is None:
@@ -152,36 +186,57 @@ class EngineCore:
         elapsed = time.perf_counter() - now
         self._account(batch, elapsed)
         for seq, n in batch.seqs:
-            seq.num_computed += n
+            seq.num_computed += n - len(seq.spec_token_ids)
             self.scheduler.cache_computed(seq)
-        touched: dict[str, Request] = {}
-        rows, seqs = self._expand_forks(ready)
-        if seqs:
-            result = self.sampler(logits[torch.tensor(rows, device=logits.device)], self._sampling_batch(seqs))
-            tokens = result.token_ids.tolist()
-            chosen = result.logprobs.tolist()
-            for i, seq in enumerate(seqs):
-                self._append(seq, tokens[i], chosen[i], result, i)
-                touched[seq.request.request_id] = seq.request
-        return [self._output(r) for r in touched.values()]
+        return ready, logits
+
+    def _accept(self, seq: Sequence, targets: list[int], logprobs: list[float], result: SampleResult,
+                row: int) -> None:
+        """Append the sampled token, or for a sequence with a draft the confirmed draft tokens plus the target's
+        next one (`spec_decode.num_accepted`), stopping token by token; roll rejected drafts' K/V back."""
+        draft = seq.spec_token_ids
+        accepted = num_accepted(draft, targets) if draft else 0
+        if draft:
+            self.totals.spec_proposed += len(draft)
+            self.totals.spec_accepted += accepted
+            # K/V stays for the accepted drafts only; the table releases the blocks it no longer needs.
+            self.blocks.truncate(seq.table, seq.num_computed + accepted)
+            seq.spec_token_ids = []
+        for i, token in enumerate(targets[: accepted + 1]):
+            self._append(seq, token, logprobs[row + i], result, row + i)
+            if seq.is_finished:
+                return
+            if i < accepted:
+                seq.num_computed += 1  # an accepted draft token: its K/V was computed this step
+        if self.speculative is not None:
+            seq.spec_token_ids = self._propose(seq)
+
+    def _propose(self, seq: Sequence) -> list[int]:
+        """Draft tokens for the next step, never more than the output and context lengths leave room for (the
+        step emits one token past the draft)."""
+        spec = self.speculative
+        room = min(spec.num_tokens, seq.params.max_tokens - len(seq.output_token_ids) - 1,
+                   self.scheduler.config.max_model_len - seq.num_tokens - 1)
+        return propose_ngram(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
 
     def _account(self, batch: ScheduledBatch, elapsed: float) -> None:
         """Split the step's time between prefill and decode tokens (in proportion to their count)."""
         t = self.totals
         t.steps += 1
         t.preemptions += batch.num_preempted
-        decode = sum(1 for s, n in batch.seqs if n == 1 and s.num_computed == s.num_tokens - 1 > s.num_prompt_tokens - 1)
+        decode = sum(n for s, n in batch.seqs if s.num_computed == s.num_tokens - 1 > s.num_prompt_tokens - 1)
         prefill = batch.num_tokens - decode
         t.prefill_tokens_computed += prefill
         t.decode_tokens_computed += decode
         t.prefill_seconds += elapsed * prefill / batch.num_tokens
         t.decode_seconds += elapsed * decode / batch.num_tokens
 
-    def _expand_forks(self, ready: list[Sequence]) -> tuple[list[int], list[Sequence]]:
-        """Rows of the logits to sample and the sequence each goes to; forks n > 1 requests after their prompt."""
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        for row, seq in enumerate(ready):
+    def _expand_forks(self, ready: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Each ready sequence with the index of its first logits row; forks n > 1 requests after their prompt
+        (the children sample from the parent's row)."""
+        targets: list[tuple[Sequence, int]] = []
+        row = 0
+        for seq in ready:
             request = seq.request
             if not request.forked:
                 request.forked = True
@@ -191,22 +246,21 @@ class EngineCore:
                     child.num_computed = seq.num_computed
                     request.seqs.append(child)
                     self.scheduler.add_running(child)
-                    rows.append(row)
-                    seqs.append(child)
-            rows.append(row)
-            seqs.append(seq)
-        return rows, seqs
+                    targets.append((child, row))
+            targets.append((seq, row))
+            row += 1 + len(seq.spec_token_ids)
+        return targets
 
-    def _sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: Seq[Sequence], output_token_ids: Seq[list[int]]) -> SamplingBatch:
         return SamplingBatch.build(
             params=[s.params for s in seqs],
             generators=[s.generator for s in seqs],
-            output_token_ids=[s.output_token_ids for s in seqs],
+            output_token_ids=list(output_token_ids),
             prompt_token_ids=[s.request.prompt_token_ids for s in seqs],
             device=self.runner.device,
         )
 
-    def _append(self, seq: Sequence, token: int, logprob: float, result, row: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float, result: SampleResult, row: int) -> None:
         request, params = seq.request, seq.params
         now = time.perf_counter()
         if request.metrics.first_token_time is None:
@@ -263,6 +317,8 @@ class EngineCore:
             "decode_tok_s": t.decode_tokens_computed / t.decode_seconds if t.decode_seconds else 0.0,
             "steps": t.steps,
             "preemptions": t.preemptions,
+            "spec_proposed": t.spec_proposed,
+            "spec_accepted": t.spec_accepted,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }

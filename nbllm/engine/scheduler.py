@@ -1,9 +1,10 @@
 """Which sequences run this step, and with how many tokens: continuous batching over a paged KV cache.
 
 Every step has a token budget (`max_num_batched_tokens`). Running sequences go first (decode first: each needs
-one token; a sequence still in chunked prefill takes what is left of the budget), then waiting sequences are
-admitted while budget, sequence slots and KV blocks last. A sequence's prompt may be split over several steps
-(chunked prefill), so a long prompt never stalls the decoding of others for long.
+one token, plus its speculative draft tokens if any; a sequence still in chunked prefill takes what is left of
+the budget), then waiting sequences are admitted while budget, sequence slots and KV blocks last. A sequence's
+prompt may be split over several steps (chunked prefill), so a long prompt never stalls the decoding of others
+for long.
 
 Admission is cache-aware, as in SGLang: the waiting sequence with the longest cached prefix goes first (its
 prefill is cheapest and its blocks are at risk of eviction), plus an aging term of `aging_tokens_per_step` per
@@ -36,7 +37,11 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledBatch:
-    """The work of one step: `(sequence, number of new tokens)` in batch order, and KV block copies to do first."""
+    """The work of one step: `(sequence, number of new tokens)` in batch order, and KV block copies to do first.
+
+    A sequence's new tokens are its pending ones followed by all of its `spec_token_ids` (the scheduler trims
+    drafts that do not fit, so a scheduled sequence always computes its whole remaining draft).
+    """
 
     seqs: list[tuple[Sequence, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
@@ -93,8 +98,13 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_pending, budget)
+            n = min(seq.num_pending + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(0, n - seq.num_pending) :]  # drafts that do not fit the budget
             while not self._reserve(seq, n, batch.copies):
+                if seq.spec_token_ids:  # drop a guess before preempting anyone for it
+                    n -= len(seq.spec_token_ids)
+                    seq.spec_token_ids.clear()
+                    continue
                 victim = self._preemption_victim(exclude=seq, scheduled=batch.seqs)
                 self._preempt(victim)
                 batch.num_preempted += 1
@@ -167,6 +177,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.cache_computed(seq)
+        seq.spec_token_ids.clear()
         self.running.remove(seq)
         self.blocks.free(seq.table)
         seq.num_computed = 0

@@ -41,6 +41,9 @@ class Sequence:
     stop_checker: StopChecker
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed: int = 0  # tokens whose K/V are stored in `table`'s blocks
+    # Speculative draft tokens to verify in the next step (see `spec_decode.py`): not part of `token_ids`; their
+    # K/V is written after the pending token's, and the step rolls back the rejected ones.
+    spec_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     text: str = ""
     emitted_text_len: int = 0  # how much of `text` has been streamed out
