@@ -25,8 +25,10 @@ class KVPool:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # Uninitialised on purpose: zeroing a GiB costs a second at start-up, and attention never reads a slot
+        # before it is written (stale slots inside gathered blocks are zeroed by the kernel).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
