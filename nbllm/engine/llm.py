@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nbllm.defaults import default_model_path
+from nbllm.engine.beam_search import BeamSearch, BeamSearchOutput
 from nbllm.engine.core import EngineCore, num_blocks_for
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
@@ -109,6 +110,23 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         return [results[i] for i in ids]
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        beam_width: int,
+        max_tokens: int,
+        *,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """The `beam_width` best continuations of each prompt (vLLM's `LLM.beam_search` output shape), with beams
+        sharing KV blocks; see `nbllm.engine.beam_search`. Needs an engine with no other requests running."""
+        prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        encoded = [self._encode(p) for p in prompt_list]
+        search = BeamSearch(self.engine, encoded, beam_width, max_tokens, length_penalty=length_penalty,
+                            ignore_eos=ignore_eos)
+        return search.run()
 
     def chat(
         self,
