@@ -8,7 +8,7 @@ propagates, so the engine serves the next call as if nothing happened.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,23 +93,48 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched; outputs in input order."""
+        finished: dict[int, RequestOutput] = {}
+        for index, out in self._run(prompts, sampling_params):
+            if out.finished:
+                finished[index] = out
+        return [finished[i] for i in range(len(finished))]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Like `generate`, but yields each request's state after every step that changed it (`text_delta` and
+        `token_ids_delta` say what is new). Closing the iterator early aborts the requests still running."""
+        return (out for _, out in self._run(prompts, sampling_params))
+
+    def _run(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Queue every prompt (all checked before any work), then step the engine until they finish.
+
+        Whatever ends the loop — completion, an interrupt, an error, the consumer closing the iterator — the
+        requests of this call are aborted, so their blocks go back to the pool.
+        """
         prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = _broadcast(sampling_params, len(prompt_list))
-        encoded = [self._encode(p) for p in prompt_list]  # every prompt is checked before any work
-        ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
+        encoded = [self._encode(p) for p in prompt_list]
+        index = {f"gen-{next(self._ids)}": i for i in range(len(prompt_list))}
         try:
-            for request_id, (text, token_ids), p in zip(ids, encoded, params):
+            for request_id, (text, token_ids), p in zip(index, encoded, params):
                 self.engine.add_request(request_id, token_ids, p, prompt=text)
-            results: dict[str, RequestOutput] = {}
-            while len(results) < len(ids):
+            pending = set(index)
+            while pending:
                 for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-        except BaseException:
-            for request_id in ids:
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield index[out.request_id], out
+        finally:
+            for request_id in index:
                 self.engine.abort(request_id)
-            raise
-        return [results[i] for i in ids]
 
     def beam_search(
         self,
