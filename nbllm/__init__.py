@@ -22,6 +22,13 @@ __all__ = [*_LAZY, "NbllmError", "ModelLoadError", "UnsupportedQuantError", "Tok
 __version__ = "0.1.0"
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext nbllm` registers the magics (see `nbllm.notebook`)."""
+    from nbllm.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)

@@ -190,10 +190,24 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, cfg) -> None:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         w.add_sliding_window(cfg.sliding_window)
     w.add_tokenizer_model("llama")  # an SPM vocab of placeholder pieces: enough for id-level engine tests
-    w.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
-    w.add_token_scores([-float(i) for i in range(cfg.vocab_size)])  # engine tests build tokenizers from it
+    tokens, types = tiny_vocab(cfg.vocab_size)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([-float(i) for i in range(cfg.vocab_size)])
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
+
+
+def tiny_vocab(size: int) -> tuple[list[str], list[int]]:
+    """An SPM vocabulary that can spell any text: 4 control tokens, 256 byte-fallback tokens, then pieces."""
+    control = ["<pad>", "<s>", "</s>", "<unk>"]
+    pieces = [f"▁{w}" for w in "the a of to and in is it you that he was for on are with as I his they".split()]
+    pieces += list("abcdefghijklmnopqrstuvwxyz") + ["▁"]
+    tokens = control + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens = (tokens + [f"<extra{i}>" for i in range(size)])[:size]
+    types = [gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.BYTE] * 256
+    types = (types + [gguf.TokenType.NORMAL] * size)[:size]
+    return tokens, [int(t) for t in types]
 
 
 def _extra_tensors(arch: str, cfg) -> list[tuple[str, np.ndarray]]:

@@ -9,6 +9,7 @@ incremental detokenizer and checking stops.
 from __future__ import annotations
 
 import time
+from typing import Any
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -321,6 +322,17 @@ class EngineCore:
             "spec_accepted": t.spec_accepted,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+        }
+
+    def kv_snapshot(self) -> dict[str, Any]:
+        """The KV pool as plain data for dashboards: each block's refcount, the blocks the prefix cache holds,
+        and the radix tree's nodes."""
+        nodes = list(self.radix.nodes()) if self.radix else []
+        return {
+            "refcounts": [self.blocks.refcount(b) for b in range(self.blocks.num_blocks)],
+            "cached": {b for node in nodes for b in node.blocks},
+            "nodes": nodes,
+            "block_size": self.block_size,
         }
 
     def reset_prefix_cache(self) -> None:
