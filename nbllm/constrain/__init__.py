@@ -1,0 +1,11 @@
+"""Constrained decoding: compile a regex, JSON Schema, GBNF grammar or choice list into a byte automaton.
+
+Every compiler returns a `Grammar` (see `automaton.py`): a byte-level automaton with `initial`, `step`,
+`accepting`, `matches`, `step_bytes`, `forced_bytes` and a content `key`; the token index turns its states into
+allowed-token masks. Invalid, unsupported or unsatisfiable input raises `SchemaError` at compile time.
+"""
+
+from nbllm.constrain.automaton import Automaton, Grammar, State
+from nbllm.constrain.errors import SchemaError
+
+__all__ = ["Automaton", "Grammar", "SchemaError", "State"]
