@@ -26,6 +26,7 @@ Left recursion would need an unbounded closure, so it is rejected at compile tim
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
@@ -66,6 +67,11 @@ _MISSING = object()
 _CACHE_STATES = 1 << 14  # memoized states before the memo is dropped (states stay valid: they are values)
 _FORCED_LIMIT = 4096  # bytes; a forced run is finite anyway, this only bounds a pathological one
 _Elem = tuple[str, int]  # ("t", byte mask) or ("r", rule id) while lowering
+
+
+def content_key(kind: str, text: str) -> str:
+    """The cache key of a compiled input: its kind and a digest of its canonical text."""
+    return f"{kind}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 
 
 class Automaton:
