@@ -167,11 +167,11 @@ def plain(tiny_llama):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(),
-        dict(enable_prefix_caching=False),
-        dict(max_num_batched_tokens=8),
-        dict(block_size=1),
-        dict(speculative_tokens=7, ngram_max=4, ngram_min=2),
+        {},
+        {"enable_prefix_caching": False},
+        {"max_num_batched_tokens": 8},
+        {"block_size": 1},
+        {"speculative_tokens": 7, "ngram_max": 4, "ngram_min": 2},
     ],
     ids=["default", "no-prefix-cache", "budget-8", "block-1", "k7-ngram2-4"],
 )

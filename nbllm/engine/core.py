@@ -9,9 +9,9 @@ incremental detokenizer and checking stops.
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,10 +19,10 @@ from nbllm.engine.block_manager import BlockManager, BlockTable
 from nbllm.engine.model_runner import KVPool, ModelRunner
 from nbllm.engine.outputs import RequestMetrics, RequestOutput
 from nbllm.engine.radix_cache import RadixCache
-from nbllm.engine.sampler import SampleResult, Sampler, SamplingBatch
+from nbllm.engine.sampler import Sampler, SampleResult, SamplingBatch
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from nbllm.engine.sequence import Request, Sequence, SequenceStatus
+from nbllm.engine.sequence import Request, Sequence
 from nbllm.engine.spec_decode import SpeculativeConfig, num_accepted, propose_ngram
 from nbllm.engine.stop import StopChecker
 from nbllm.errors import NbllmError
