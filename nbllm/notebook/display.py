@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import html
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbllm.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from nbllm.widgets.live import LiveDashboard
 
 
 def in_notebook() -> bool:
@@ -27,6 +30,18 @@ def show(obj: Any) -> None:
         display(obj)
     else:
         print(repr(obj))
+
+
+def live_dashboard(max_tokens: int) -> LiveDashboard | None:
+    """A live ipywidgets dashboard for a generating cell, or None where it could not show: a terminal IPython,
+    or no ipywidgets installed (the static report under the cell is then all there is)."""
+    if not in_notebook():
+        return None
+    try:
+        from nbllm.widgets.live import LiveDashboard
+    except ImportError:
+        return None
+    return LiveDashboard(max_tokens)
 
 
 class StreamView:

@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from nbllm.errors import NbllmError
-from nbllm.notebook.display import StreamView, show
+from nbllm.notebook.display import StreamView, live_dashboard, show
 from nbllm.notebook.session import CellRequest, Session, parse_json_output
 
 
@@ -127,22 +127,35 @@ class NbllmMagics(Magics):
         if not self.session.loaded:
             print("nbllm: loading the model (first use)...", file=sys.stderr, flush=True)
         view = StreamView(request.params.n, live=not args.no_stream)
+        dashboard = None if args.no_stream else live_dashboard(request.params.max_tokens * request.params.n)
         final = None
-        for out in self.session.run(request):
-            view.update(out)
-            final = out
-        view.close()
-        if final is None:
-            return
-        texts = [c.text for c in final.outputs]
-        if args.output:
-            values = [parse_json_output(t) for t in texts] if args.json is not None else texts
-            self.shell.user_ns[args.output] = values if request.params.n > 1 else values[0]
-        from nbllm.widgets.dashboard import cell_report
+        try:
+            for out in self.session.run(request):
+                view.update(out)
+                if dashboard is not None:
+                    blocks = self.session.llm.engine.blocks
+                    dashboard.update(sum(len(c.token_ids) for c in out.outputs), blocks.num_used_blocks,
+                                     blocks.num_blocks)
+                final = out
+            view.close()
+            if final is None:
+                return
+            texts = [c.text for c in final.outputs]
+            if args.output:
+                values = [parse_json_output(t) for t in texts] if args.json is not None else texts
+                self.shell.user_ns[args.output] = values if request.params.n > 1 else values[0]
+            from nbllm.widgets.dashboard import cell_report
 
-        llm = self.session.llm
-        show(cell_report(final.metrics, [c.finish_reason for c in final.outputs], llm.stats(),
-                         llm.engine.kv_snapshot()))
+            llm = self.session.llm
+            report = cell_report(final.metrics, [c.finish_reason for c in final.outputs], llm.stats(),
+                                 llm.engine.kv_snapshot())
+            if dashboard is None:
+                show(report)
+            else:
+                dashboard.finish(report)  # the live widgets give way to the static report, in place
+        finally:
+            if dashboard is not None:
+                dashboard.close()  # after an interrupt or error: freeze the last numbers as static HTML
 
     # ------------------------------------------------------------------ line magics
 
