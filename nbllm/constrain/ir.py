@@ -29,14 +29,26 @@ class Bytes:
         return Bytes(((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1))
 
 
+def _cached_hash(self: Seq | Alt | Repeat) -> int:
+    """Compound nodes hash once: front-ends dedupe alternatives by equality, and a dataclass hash would walk
+    the whole subtree every time."""
+    cached = self.__dict__.get("_hash")
+    if cached is None:
+        cached = hash((type(self).__name__, *self.__dict__.values()))
+        object.__setattr__(self, "_hash", cached)
+    return cached
+
+
 @dataclass(frozen=True)
 class Seq:
     items: tuple[Node, ...]
+    __hash__ = _cached_hash
 
 
 @dataclass(frozen=True)
 class Alt:
     items: tuple[Node, ...]
+    __hash__ = _cached_hash
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Repeat:
     item: Node
     lo: int
     hi: int | None
+    __hash__ = _cached_hash
 
 
 @dataclass(frozen=True)
