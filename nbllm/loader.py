@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import gguf
 import torch
@@ -22,6 +23,7 @@ from nbllm.gguf.dequant_cache import DequantCache
 from nbllm.gguf.quants import dequantize
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
+from nbllm.models.llamacpp_numerics import apply_llamacpp_numerics
 from nbllm.models.registry import ArchSpec, spec_for_gguf, spec_for_hf
 from nbllm.models.weights import Fixup, WeightSource, shift_norms, unpermute_qk_rows
 
@@ -33,13 +35,18 @@ _HF_PREFIXES = (
 )
 
 
+# safetensors dtype names -> the GGML type llama.cpp would keep them as.
+_GGML_FLOAT_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
+                     "BF16": gguf.GGMLQuantizationType.BF16}
+
 # Files smaller than this decode faster than a cache entry is written and checked.
 _DEQUANT_CACHE_MIN_BYTES = 32 << 20
 
 
 class GGUFWeights(WeightSource):
-    def __init__(self, file: GGUFFile, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None) -> None:
-        super().__init__(file.path, dtype=dtype, device=device, fixups=fixups)
+    def __init__(self, file: GGUFFile, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None,
+                 llamacpp_numerics: bool = False) -> None:
+        super().__init__(file.path, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=llamacpp_numerics)
         self.file = file
         self._names = frozenset(file.tensors)
         big = file.path.stat().st_size >= _DEQUANT_CACHE_MIN_BYTES
@@ -50,6 +57,9 @@ class GGUFWeights(WeightSource):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.file.tensors[name].shape
+
+    def ggml_type(self, name: str) -> gguf.GGMLQuantizationType:
+        return self.file.tensors[name].qtype
 
     def _read(self, name: str) -> torch.Tensor:
         cached = self.cache.get(name) if self.cache is not None else None
@@ -70,8 +80,8 @@ class GGUFWeights(WeightSource):
 
 class SafetensorsWeights(WeightSource):
     def __init__(self, directory: Path, files: list[Path], arch: str, num_layers: int, *,
-                 dtype: torch.dtype, device: torch.device, fixups: Fixup | None) -> None:
-        super().__init__(directory, dtype=dtype, device=device, fixups=fixups)
+                 dtype: torch.dtype, device: torch.device, fixups: Fixup | None, llamacpp_numerics: bool = False) -> None:
+        super().__init__(directory, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=llamacpp_numerics)
         name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], num_layers)
         self._handles = []
         self._where: dict[str, tuple[int, str]] = {}  # GGUF name -> (file index, HF name)
@@ -98,41 +108,69 @@ class SafetensorsWeights(WeightSource):
         i, hf_name = self._where[name]
         return tuple(self._handles[i].get_slice(hf_name).get_shape())
 
+    def ggml_type(self, name: str) -> gguf.GGMLQuantizationType:
+        i, hf_name = self._where[name]
+        return _GGML_FLOAT_TYPES[self._handles[i].get_slice(hf_name).get_dtype()]
+
     def _read(self, name: str) -> torch.Tensor:
         i, hf_name = self._where[name]
         return self._handles[i].get_tensor(hf_name)
 
 
+Numerics = Literal["exact", "llamacpp"]
+
+
 def load_model(
-    path: str | Path | GGUFFile, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | GGUFFile,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    numerics: Numerics = "exact",
 ) -> tuple[CausalLM, ModelConfig]:
     """Load a GGUF file (a path, or one already open) or an HF safetensors directory; raises `ModelLoadError`
-    naming the file on any problem."""
+    naming the file on any problem.
+
+    `numerics="exact"` computes in `dtype` over the dequantized weights (fp32: equal to transformers);
+    `"llamacpp"` rounds as llama.cpp's CPU backend does (`nbllm.models.llamacpp_numerics`; fp32 only, to be run
+    with `DenseKVCache(kv_dtype=torch.float16)`), so greedy output matches llama.cpp's token for token.
+    """
+    if numerics not in ("exact", "llamacpp"):
+        raise ModelLoadError(f"unknown numerics {numerics!r}: use 'exact' or 'llamacpp'")
+    if numerics == "llamacpp" and dtype != torch.float32:
+        raise ModelLoadError(f"numerics='llamacpp' computes in float32, not {dtype}")
     device = torch.device(device)
+    llamacpp = numerics == "llamacpp"
     if isinstance(path, GGUFFile):
-        weights, config, spec = _open_gguf(path, dtype, device)
+        weights, config, spec = _open_gguf(path, dtype, device, llamacpp)
     elif (path := Path(path)).is_dir():
-        weights, config, spec = _open_hf(path, dtype, device)
+        weights, config, spec = _open_hf(path, dtype, device, llamacpp)
     elif path.is_file():
-        weights, config, spec = _open_gguf(open_gguf(path), dtype, device)
+        weights, config, spec = _open_gguf(open_gguf(path), dtype, device, llamacpp)
     else:
         raise ModelLoadError(f"{path}: no such file or directory")
     model = spec.model_class(config, weights)
     weights.finish()
+    if llamacpp:
+        scaled_rope = config.rope_scaling is not None or weights.has("rope_freqs.weight")
+        apply_llamacpp_numerics(model, weights.ggml_type("token_embd.weight"), scaled_rope=scaled_rope)
     return model.eval(), config
 
 
-def _open_gguf(file: GGUFFile, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+def _open_gguf(
+    file: GGUFFile, dtype: torch.dtype, device: torch.device, llamacpp: bool
+) -> tuple[WeightSource, ModelConfig, ArchSpec]:
     path = file.path
     spec = spec_for_gguf(file.architecture, str(path))
     config = ModelConfig.from_gguf_metadata(file.metadata, source=str(path))
     # The metadata cannot say whether the head is tied: llama.cpp ties it when output.weight is absent.
     config = replace(config, tie_word_embeddings="output.weight" not in file.tensors)
     fixups = unpermute_qk_rows(config.num_heads, config.num_kv_heads) if spec.gguf_qk_permuted else None
-    return GGUFWeights(file, dtype=dtype, device=device, fixups=fixups), config, spec
+    return GGUFWeights(file, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=llamacpp), config, spec
 
 
-def _open_hf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+def _open_hf(
+    path: Path, dtype: torch.dtype, device: torch.device, llamacpp: bool
+) -> tuple[WeightSource, ModelConfig, ArchSpec]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: not a model directory (no config.json); pass a GGUF file or an HF model folder")
@@ -148,5 +186,6 @@ def _open_hf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Weig
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
     fixups = shift_norms(spec.hf_norm_shift) if spec.hf_norm_shift else None
-    weights = SafetensorsWeights(path, files, spec.name, config.num_layers, dtype=dtype, device=device, fixups=fixups)
+    weights = SafetensorsWeights(path, files, spec.name, config.num_layers, dtype=dtype, device=device, fixups=fixups,
+                                 llamacpp_numerics=llamacpp)
     return weights, config, spec

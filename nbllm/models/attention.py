@@ -46,6 +46,10 @@ def causal_attention(
 
     `q: [n, Hq, D]`, `k, v: [L, Hkv, D]` with `L == past + n`; query head h uses kv head h // (Hq / Hkv), as
     HF's `repeat_kv` does. Scores and softmax are plain fp32 matmuls with an explicit mask: exactness over speed.
+
+    f16 `k`/`v` under an fp32 `q` (an f16 KV cache of an fp32 model) compute as llama.cpp's CPU backend does
+    without flash attention: the scaled q and the softmax probabilities are rounded to f16 too, since ggml
+    converts a matmul's second operand to the first's type, and the products accumulate in fp32.
     """
     n, hq, d = q.shape
     length, hkv, _ = k.shape
@@ -53,16 +57,22 @@ def causal_attention(
     qh = q.reshape(n, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
     kh = k.permute(1, 0, 2)[:, None]  # [Hkv, 1, L, D]
     vh = v.permute(1, 0, 2)[:, None]
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [Hkv, G, n, L]
+    half = k.dtype == torch.float16 and q.dtype == torch.float32
+    if half:
+        qh, kh, vh = (qh * scale).to(torch.float16).float(), kh.float(), vh.float()
+        scores = torch.matmul(qh, kh.transpose(-1, -2))
+    else:
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [Hkv, G, n, L]
     qpos = torch.arange(past, past + n, device=q.device)[:, None]
     kpos = torch.arange(length, device=q.device)[None, :]
     visible = kpos <= qpos
     if sliding_window is not None:
         visible &= kpos > qpos - sliding_window
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = probs.to(torch.float16).float() if half else probs.to(q.dtype)
     out = torch.matmul(probs, vh)  # [Hkv, G, n, D]
-    return out.permute(2, 0, 1, 3).reshape(n, hq, d)
+    return out.permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
 
 
 class DenseKVCache:
@@ -70,9 +80,12 @@ class DenseKVCache:
 
     Usage per forward: `prepare(seq_ids, num_new_tokens)`, then run the model on the concatenation of those
     sequences' new tokens in that order (positions continue each sequence: its cached length onwards).
+    `kv_dtype`: the stored k/v type: None keeps the model's; `torch.float16` under an fp32 model is llama.cpp's
+    default cache and, with `load_model(..., numerics="llamacpp")`, reproduces its attention (`causal_attention`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kv_dtype: torch.dtype | None = None) -> None:
+        self.kv_dtype = kv_dtype
         self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._plan: list[tuple[int, int]] = []
 
@@ -112,6 +125,8 @@ class DenseKVCache:
             layers = self._kv.setdefault(seq_id, [])
             layers.extend([None] * (layer + 1 - len(layers)))
             new_k, new_v = k[start : start + n], v[start : start + n]
+            if self.kv_dtype is not None:
+                new_k, new_v = new_k.to(self.kv_dtype), new_v.to(self.kv_dtype)
             cached = layers[layer]
             past = 0 if cached is None else cached[0].shape[0]
             if cached is not None:

@@ -9,6 +9,7 @@ so CPU fp32 logits match it to rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,18 +24,29 @@ class Linear(nn.Module):
     """`y = x W^T + b` over a dense weight `[out, in]`.
 
     Only `WeightSource.linear` constructs these, so quantized weight formats can replace this class in one place.
+    `round_input` rounds `x` first: llama.cpp-compatible numerics quantize activations to the weight type's dot
+    product type there (`nbllm.models.llamacpp_numerics`); None (the default) computes exactly.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        round_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
+        self.round_input = round_input
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.round_input is not None:
+            x = self.round_input(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -104,6 +116,7 @@ class GatedMLP(nn.Module):
     def __init__(self, gate: Linear, up: Linear, down: Linear, activation: str) -> None:
         super().__init__()
         self.gate, self.up, self.down = gate, up, down
+        self.activation = activation
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

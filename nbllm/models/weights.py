@@ -14,21 +14,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 
 from nbllm.errors import ModelLoadError
 from nbllm.models.layers import Linear
+from nbllm.models.llamacpp_numerics import activation_rounding
 
 Fixup = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class WeightSource(ABC):
-    """Tensors of one model file, by GGUF name, as `dtype` on `device`."""
+    """Tensors of one model file, by GGUF name, as `dtype` on `device`.
 
-    def __init__(self, path: Path, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None = None) -> None:
+    `llamacpp_numerics`: the linears it builds round their input as llama.cpp does for each weight's stored type
+    (`nbllm.models.llamacpp_numerics`); the tensors themselves are the same either way.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        fixups: Fixup | None = None,
+        llamacpp_numerics: bool = False,
+    ) -> None:
         self.path = path
         self.dtype = dtype
         self.device = torch.device(device)
         self.fixups = fixups
+        self.llamacpp_numerics = llamacpp_numerics
 
     @abstractmethod
     def names(self) -> frozenset[str]:
@@ -37,6 +52,10 @@ class WeightSource(ABC):
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of `name` (torch order), read without loading the tensor."""
+
+    @abstractmethod
+    def ggml_type(self, name: str) -> GGMLQuantizationType:
+        """How `name` is stored, as a GGML type (an unquantized tensor: its float type)."""
 
     @abstractmethod
     def _read(self, name: str) -> torch.Tensor:
@@ -69,7 +88,8 @@ class WeightSource(ABC):
         weight = self.tensor(f"{prefix}.weight", (out_features, in_features))
         if bias is None:
             bias = self.has(f"{prefix}.bias")
-        return Linear(weight, self.tensor(f"{prefix}.bias", (out_features,)) if bias else None)
+        round_input = activation_rounding(self.ggml_type(f"{prefix}.weight")) if self.llamacpp_numerics else None
+        return Linear(weight, self.tensor(f"{prefix}.bias", (out_features,)) if bias else None, round_input=round_input)
 
 
 def unpermute_qk_rows(num_heads: int, num_kv_heads: int) -> Fixup:
