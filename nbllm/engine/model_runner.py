@@ -9,13 +9,13 @@ and attends through the block tables (`nbllm.kernels.paged_attention`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
-from nbllm.kernels.paged_attention import paged_attention, store_kv
+from nbllm.kernels.paged_attention import PagedAttentionPlan, plan_paged_attention, run_paged_attention, store_kv
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 
@@ -55,13 +55,19 @@ class PagedAttention:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     cu_query_lens: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
+    # The index work depends on the step and the window, not the layer: planned once per window per step.
+    plans: dict[int | None, PagedAttentionPlan] = field(default_factory=dict)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         store_kv(k_cache, v_cache, k, v, self.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
-                               context_lens=self.context_lens, scale=scale, sliding_window=sliding_window)
+        plan = self.plans.get(sliding_window)
+        if plan is None:
+            plan = self.plans[sliding_window] = plan_paged_attention(
+                k_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
+                context_lens=self.context_lens, sliding_window=sliding_window)
+        return run_paged_attention(q, k_cache, v_cache, plan, scale=scale)
 
 
 class ModelRunner:
