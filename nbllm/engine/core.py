@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from nbllm.engine.block_manager import BlockManager, BlockTable
@@ -29,6 +30,10 @@ from nbllm.errors import NbllmError
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 from nbllm.tokenizer import Detokenizer, Tokenizer
+
+
+if TYPE_CHECKING:
+    from nbllm.constrain.matcher import Matcher
 
 
 class PromptTooLongError(NbllmError, ValueError):
@@ -50,6 +55,8 @@ class EngineStats:
     preemptions: int = 0
     spec_proposed: int = 0  # draft tokens verified
     spec_accepted: int = 0  # of those, confirmed by the target model
+    constrained_tokens: int = 0  # output tokens of requests with json_schema/regex/choices/grammar
+    jump_forward_tokens: int = 0  # of those, appended without sampling (forced by the grammar)
 
 
 class EngineCore:
@@ -77,6 +84,8 @@ class EngineCore:
         self.speculative = speculative
         self._request_counter = 0
         self.totals = EngineStats()
+        # Append the tokens a grammar forces without sampling them (`nbllm.constrain.jump_forward`).
+        self.jump_forward = True
 
     # ------------------------------------------------------------------ requests
 
@@ -101,6 +110,7 @@ class EngineCore:
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise NbllmError(f"prompt token ids must be in [0, {vocab}); got an id outside that range")
+        self._matcher(params)  # compile now: a bad schema fails before any work, not mid-generation
         request = Request(request_id, prompt, list(prompt_token_ids), params,
                           RequestMetrics(arrival_time=time.perf_counter(), prompt_tokens=len(prompt_token_ids)))
         request.seqs.append(self._new_sequence(request, 0, list(prompt_token_ids)))
@@ -126,7 +136,17 @@ class EngineCore:
             detokenizer=Detokenizer(self.tokenizer, at_start=False),
             stop_checker=StopChecker(params.stop_strings, params.include_stop_str_in_output),
             logprobs=[] if params.logprobs is not None else None,
+            matcher=self._matcher(params),
         )
+
+    def _matcher(self, params: SamplingParams) -> Matcher | None:
+        """A fresh matcher for the constraint of `params` (compiled once per content), or None for free text;
+        raises `SchemaError` for a schema, pattern or grammar that cannot be compiled."""
+        if params.constraint is None:
+            return None
+        from nbllm.constrain.matcher import matcher_for  # lazy: engines serving free text never load compilers
+
+        return matcher_for(*params.constraint, self.tokenizer, jump_forward=self.jump_forward)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks are released (full blocks stay in the prefix cache)."""
@@ -159,7 +179,7 @@ class EngineCore:
                     seqs.append(seq)
                     outputs.append(seq.output_token_ids + draft[:r])
             result = self.sampler(logits[torch.tensor(rows, device=logits.device)],
-                                  self._sampling_batch(seqs, outputs))
+                                  self._sampling_batch(seqs, outputs), self._allowed_mask(seqs, logits))
             tokens = result.token_ids.tolist()
             chosen = result.logprobs.tolist()
             row = 0
@@ -194,7 +214,8 @@ class EngineCore:
     def _accept(self, seq: Sequence, targets: list[int], logprobs: list[float], result: SampleResult,
                 row: int) -> None:
         """Append the sampled token, or for a sequence with a draft the confirmed draft tokens plus the target's
-        next one (`spec_decode.num_accepted`), stopping token by token; roll rejected drafts' K/V back."""
+        next one (`spec_decode.num_accepted`), or for a constrained one the sampled token and what the grammar
+        forces after it (`Matcher.plan`), stopping token by token; roll rejected drafts' K/V back."""
         draft = seq.spec_token_ids
         accepted = num_accepted(draft, targets) if draft else 0
         if draft:
@@ -203,13 +224,20 @@ class EngineCore:
             # K/V stays for the accepted drafts only; the table releases the blocks it no longer needs.
             self.blocks.truncate(seq.table, seq.num_computed + accepted)
             seq.spec_token_ids = []
-        for i, token in enumerate(targets[: accepted + 1]):
-            self._append(seq, token, logprobs[row + i], result, row + i)
+        emitted = targets[: accepted + 1]
+        if seq.matcher is not None:  # (never a draft) the sampled token, and with jump-forward what it forces
+            emitted = seq.matcher.plan(emitted[0])
+        for i, token in enumerate(emitted):
+            if i <= accepted:
+                self._append(seq, token, logprobs[row + i], result, row + i)
+            else:  # forced by the grammar: certain under the constraint, computed in the next step
+                self.totals.jump_forward_tokens += 1
+                self._append(seq, token, 0.0, None, row)
             if seq.is_finished:
                 return
             if i < accepted:
                 seq.num_computed += 1  # an accepted draft token: its K/V was computed this step
-        if self.speculative is not None:
+        if self.speculative is not None and seq.matcher is None:  # drafts would bypass the grammar's masks
             seq.spec_token_ids = self._propose(seq)
 
     def _propose(self, seq: Sequence) -> list[int]:
@@ -261,8 +289,28 @@ class EngineCore:
             device=self.runner.device,
         )
 
-    def _append(self, seq: Sequence, token: int, logprob: float, result: SampleResult, row: int) -> None:
+    def _allowed_mask(self, seqs: Seq[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """The sampler's `[rows, V]` allowed-token mask when some row is constrained (free rows allow all)."""
+        if all(seq.matcher is None for seq in seqs):
+            return None
+        rows = np.ones((len(seqs), logits.shape[-1]), dtype=np.bool_)
+        for row, seq in zip(rows, seqs):
+            if seq.matcher is not None:
+                mask = seq.matcher.mask()
+                row[mask.vocab_size :] = False  # logits may be padded past the tokenizer's vocabulary
+                mask.write(row[: mask.vocab_size])
+        return torch.from_numpy(rows).to(logits.device)
+
+    def _append(self, seq: Sequence, token: int, logprob: float, result: SampleResult | None, row: int) -> None:
+        """Append one token (`result`'s `row` holds its top log-probabilities; None for a forced token) and
+        finish the sequence if it ends here."""
         request, params = seq.request, seq.params
+        if seq.matcher is not None:
+            if not seq.matcher.advance(token):  # only when the mask left nothing to sample
+                seq.finish_reason, seq.stop_reason = "abort", "no token of the vocabulary continues the constraint"
+                self.scheduler.finish(seq)
+                return
+            self.totals.constrained_tokens += 1
         now = time.perf_counter()
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -270,13 +318,14 @@ class EngineCore:
         seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
             entry = {token: logprob}
-            if result.top_logprobs is not None:
+            if result is not None and result.top_logprobs is not None:
                 ids, values = result.top_logprobs
                 entry.update(zip(ids[row].tolist(), values[row].tolist()))
             seq.logprobs.append(entry)
         request.metrics.generated_tokens += 1
         self.totals.generated_tokens += 1
-        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        # A constrained output ends where its grammar says, ignore_eos or not.
+        is_eos = token in self.tokenizer.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
         delta = "" if is_eos else seq.detokenizer.add(token)
         seq.text += delta
         if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
@@ -286,6 +335,8 @@ class EngineCore:
             if hit is not None:
                 seq.text = seq.text[: hit.truncate_at]
                 seq.finish_reason, seq.stop_reason = "stop", hit.stop
+            elif seq.matcher is not None and seq.matcher.complete:  # only EOS could follow: end without it
+                seq.finish_reason = "stop"
             elif len(seq.output_token_ids) >= params.max_tokens:
                 seq.finish_reason = "length"
             elif seq.num_tokens >= self.scheduler.config.max_model_len:
@@ -320,6 +371,8 @@ class EngineCore:
             "preemptions": t.preemptions,
             "spec_proposed": t.spec_proposed,
             "spec_accepted": t.spec_accepted,
+            "constrained_tokens": t.constrained_tokens,
+            "jump_forward_tokens": t.jump_forward_tokens,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }

@@ -16,6 +16,8 @@ from nbllm.errors import NbllmError
 #: risks overflow while the distribution is already a point mass on the argmax.
 GREEDY_TEMPERATURE = 1e-5
 
+_CONSTRAINTS = ("json_schema", "regex", "choices", "grammar")
+
 
 class InvalidSamplingParams(NbllmError, ValueError):
     """A `SamplingParams` field is out of range or of the wrong type; the message names field, value, range."""
@@ -78,6 +80,15 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """The output constraint as (field name, value), or None for free text."""
+        for name in _CONSTRAINTS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
+
+    @property
     def stop_strings(self) -> list[str]:
         """`stop` as a list (a single string is one stop string; None is none)."""
         if self.stop is None:
@@ -109,7 +120,7 @@ class SamplingParams:
             or any(not isinstance(c, str) for c in self.choices)
         ):
             _fail("choices", self.choices, "a non-empty list of strings")
-        given = [n for n in ("json_schema", "regex", "choices", "grammar") if getattr(self, n) is not None]
+        given = [n for n in _CONSTRAINTS if getattr(self, n) is not None]
         if len(given) > 1:
             raise InvalidSamplingParams(f"only one of json_schema, regex, choices, grammar may be set, got {given}")
 

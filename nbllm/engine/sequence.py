@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from nbllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.stop import StopChecker
 from nbllm.tokenizer.detokenizer import Detokenizer
+
+if TYPE_CHECKING:
+    from nbllm.constrain.matcher import Matcher
 
 _seq_ids = itertools.count()
 
@@ -44,6 +48,7 @@ class Sequence:
     # Speculative draft tokens to verify in the next step (see `spec_decode.py`): not part of `token_ids`; their
     # K/V is written after the pending token's, and the step rolls back the rejected ones.
     spec_token_ids: list[int] = field(default_factory=list)
+    matcher: Matcher | None = None  # the grammar state of a constrained request (json_schema, regex, ...)
     status: SequenceStatus = SequenceStatus.WAITING
     text: str = ""
     emitted_text_len: int = 0  # how much of `text` has been streamed out
