@@ -16,7 +16,7 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from nbllm.constrain.ir import (MAX_CODE_POINT, Node, Repeat, alt, char_set, literal, normalize_ranges,
+from nbllm.constrain.ir import (MAX_CODE_POINT, EMPTY, Node, Repeat, alt, char_set, literal, normalize_ranges,
                                 optional, seq)
 
 INDENT_LIMIT = 20
@@ -132,13 +132,19 @@ _LEAP_YEAR = r"(?:\d\d(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13
 _MONTH_DAY = (r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
               r"|02-(?:0[1-9]|1\d|2[0-8]))")
 _DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
-_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# RFC 3986: scheme ":" ("//" authority path-abempty | path-absolute | path-rootless | empty) ["?" q] ["#" f]
+_PCT = r"%[0-9A-Fa-f]{2}"
+_REGNAME = rf"[A-Za-z0-9\-._~!$&'()*+,;=]|{_PCT}"
+_USERINFO = rf"{_REGNAME}|:"
+_PCHAR = rf"(?:{_REGNAME}|[:@])"
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
-    "date-time": rf"{_DATE}T{_TIME}",
+    "date-time": rf"{_DATE}[Tt]{_TIME}",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": rf"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@{_LABEL}(?:\.{_LABEL})+",
-    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+",
+    "uri": rf"[A-Za-z][A-Za-z0-9+.-]*:(?://(?:(?:{_USERINFO})*@)?(?:{_REGNAME})*(?::\d*)?(?:/{_PCHAR}*)*"
+           rf"|/?(?:{_PCHAR}+(?:/{_PCHAR}*)*)?)(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?",
 }
