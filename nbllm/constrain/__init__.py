@@ -8,8 +8,9 @@ allowed-token masks. Invalid, unsupported or unsatisfiable input raises `SchemaE
 from nbllm.constrain.automaton import Automaton, Grammar, State
 from nbllm.constrain.choices import compile_choices
 from nbllm.constrain.errors import SchemaError
+from nbllm.constrain.gbnf import compile_grammar
 from nbllm.constrain.json_schema import JsonSchemaGrammar, compile_json_schema
 from nbllm.constrain.regex import compile_regex
 
 __all__ = ["Automaton", "Grammar", "JsonSchemaGrammar", "SchemaError", "State", "compile_choices",
-           "compile_json_schema", "compile_regex"]
+           "compile_grammar", "compile_json_schema", "compile_regex"]
