@@ -50,7 +50,7 @@ def test_defaults_match_vllm():
         ("stop_token_ids", [1, -2], "a list of non-negative token ids"),
         ("stop_token_ids", 7, "a list of non-negative token ids"),
         ("ignore_eos", 1, "True or False"),
-        ("json_schema", 3, "a dict or a JSON string"),
+        ("json_schema", 3, "a dict, a bool or a JSON string"),
         ("regex", 3, "a string"),
         ("grammar", ["root ::= x"], "a string"),
         ("choices", [], "a non-empty list of strings"),

@@ -47,7 +47,7 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    json_schema: dict[str, Any] | str | None = None
+    json_schema: dict[str, Any] | bool | str | None = None
     regex: str | None = None
     choices: list[str] | None = None
     grammar: str | None = None
@@ -108,8 +108,8 @@ class SamplingParams:
             _fail("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")
 
     def _check_constraints(self) -> None:
-        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
-            _fail("json_schema", self.json_schema, "a dict or a JSON string")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool, str)):
+            _fail("json_schema", self.json_schema, "a dict, a bool or a JSON string")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
