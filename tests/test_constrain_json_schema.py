@@ -181,7 +181,8 @@ def _in_generation_order(schema: Any, value: Any) -> bool:
 
 @pytest.mark.parametrize(("schema", "message"), [
     ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum: no number"),
-    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 10, "exclusiveMaximum": 10}}, "required": ["age"]},
+    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 10, "exclusiveMaximum": 10}},
+      "required": ["age"]},
      "properties.age.minimum"),
     ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "no integer"),
     ({"properties": {"x": {"type": "integer", "multipleOf": 2}}}, "properties.x.multipleOf: unsupported keyword"),

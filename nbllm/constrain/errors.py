@@ -11,3 +11,7 @@ from nbllm.errors import NbllmError
 
 class SchemaError(NbllmError, ValueError):
     """An invalid, unsupported or unsatisfiable schema, regex, GBNF grammar or choice list."""
+
+
+class Unsatisfiable(SchemaError):
+    """A (sub)schema no value satisfies: fatal where the value is required, skipped where it is one option."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from nbllm.constrain.automaton import Automaton, content_key
 from nbllm.constrain.errors import SchemaError
-from nbllm.constrain.ir import (MAX_CODE_POINT, EMPTY, Node, Ref, Repeat, alt, char_set, complement_ranges,
-                                literal, seq)
+from nbllm.constrain.ir import EMPTY, MAX_CODE_POINT, Node, Ref, Repeat, alt, char_set, complement_ranges, literal, seq
 
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "[": "[", "]": "]"}
 _HEX_DIGITS = {"x": 2, "u": 4, "U": 8}

@@ -12,7 +12,6 @@ Nodes are frozen dataclasses so front-ends can share and compare subtrees freely
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
@@ -66,7 +65,7 @@ class Ref:
     name: str
 
 
-Node = Union[Bytes, Seq, Alt, Repeat, Ref]
+Node = Bytes | Seq | Alt | Repeat | Ref
 
 EMPTY = Seq(())  # the empty string
 NOTHING = Alt(())  # the empty language

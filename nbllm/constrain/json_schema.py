@@ -23,8 +23,8 @@ valid documents, so generated output always validates, except for oneOf's exclus
   any object is allowed. Additional properties come after the declared ones;
 - `oneOf` is compiled as `anyOf`; `matches` checks exclusivity with the validator;
 - one of `pattern` / `format` / `minLength`+`maxLength` per string (their intersection is not built);
-- `allOf` is merged keyword by keyword (types intersected, bounds tightened, properties and required joined);
-  two different `pattern`s, `format`s, `const`s or `additionalProperties` in one `allOf` are unsupported.
+- `allOf` is merged keyword by keyword (`json_allof.py`); two different `pattern`s, `format`s, `const`s or
+  `additionalProperties` in one `allOf` are unsupported.
 
 A schema (or a required part of it) that no value satisfies is a compile-time `SchemaError`: `minimum >
 maximum`, `minItems > maxItems`, an empty `enum`, a required property forbidden by `additionalProperties:
@@ -43,15 +43,26 @@ from math import ceil, floor
 from typing import Any
 
 from nbllm.constrain.automaton import Automaton, content_key
-from nbllm.constrain.errors import SchemaError
+from nbllm.constrain.errors import SchemaError, Unsatisfiable
 from nbllm.constrain.ir import EMPTY, Node, Ref, Repeat, alt, literal, optional, seq
-from nbllm.constrain.json_text import (FORMATS, INTEGER, NUMBER, STRING, STRING_CHAR, WS, as_decimal,
-                                       canonical_json, json_chars, quoted, string_except)
-from nbllm.constrain.json_validate import (json_equal, pattern_automaton, ref_path, resolve_ref, validate)
+from nbllm.constrain.json_allof import TYPES, merge_all
+from nbllm.constrain.json_text import (
+    FORMATS,
+    INTEGER,
+    NUMBER,
+    STRING,
+    STRING_CHAR,
+    WS,
+    as_decimal,
+    canonical_json,
+    json_chars,
+    quoted,
+    string_except,
+)
+from nbllm.constrain.json_validate import json_equal, pattern_automaton, ref_path, resolve_ref, validate
 from nbllm.constrain.numeric import number_range
 from nbllm.constrain.regex import parse_regex
 
-TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
 _ANNOTATIONS = frozenset({"$schema", "$id", "$anchor", "$comment", "$defs", "definitions", "title", "description",
                           "default", "examples", "deprecated", "readOnly", "writeOnly", "contentEncoding",
                           "contentMediaType"})
@@ -109,10 +120,6 @@ _COMMA = seq(WS, literal(","), WS)
 _COLON = seq(WS, literal(":"), WS)
 
 
-class _Unsatisfiable(SchemaError):
-    """A (sub)schema no value satisfies; an alternative may survive it, a required part may not."""
-
-
 def compile_json_schema(schema: dict | bool | str) -> JsonSchemaGrammar:
     """A grammar for the JSON texts `schema` accepts (a dict, a boolean schema, or the schema as JSON text)."""
     if isinstance(schema, str):
@@ -166,7 +173,7 @@ class _Compiler:
         if s is True:
             return self.any_value()
         if s is False:
-            raise _Unsatisfiable(f"{_loc(path)}: the schema is false, so no value satisfies it")
+            raise Unsatisfiable(f"{_loc(path)}: the schema is false, so no value satisfies it")
         s = _constraints(s, path)
         if "$ref" in s:
             if len(s) == 1:
@@ -194,7 +201,7 @@ class _Compiler:
             try:
                 nodes.append(self.typed(typed, option, path) if typed is not None
                              else self.schema(option, f"{path}.{i}"))
-            except _Unsatisfiable as e:
+            except Unsatisfiable as e:
                 first_error = first_error or e
         if not nodes:
             raise first_error  # type: ignore[misc]
@@ -228,7 +235,7 @@ class _Compiler:
             self.rules[ref] = alt()  # a placeholder that recursive references inside the target point at
             try:
                 self.rules[ref] = self.schema(target, ref_path(ref))
-            except _Unsatisfiable as e:
+            except Unsatisfiable as e:
                 self.ref_errors[ref] = e
                 raise
         return Ref(ref)
@@ -241,7 +248,7 @@ class _Compiler:
             if x is True:
                 return
             if x is False:
-                raise _Unsatisfiable(f"{where}: the schema is false, so no value satisfies it")
+                raise Unsatisfiable(f"{where}: the schema is false, so no value satisfies it")
             x = dict(_constraints(x, where))
             if "$ref" in x:
                 ref = x.pop("$ref")
@@ -253,11 +260,7 @@ class _Compiler:
             parts.append((x, where))
 
         collect(s, path, frozenset())
-        _close_additional_properties([p for p, _ in parts])
-        merged: dict = {}
-        for part, where in parts:
-            merged = _merge_two(merged, part, where)
-        return merged
+        return merge_all(parts)
 
     def enum(self, s: dict, path: str) -> Node:
         key = "enum" if "enum" in s else "const"
@@ -267,7 +270,7 @@ class _Compiler:
         rest = {k: v for k, v in s.items() if k not in ("enum", "const")}
         kept = [v for v in values if validate(rest, v, self.root)]
         if not kept:
-            raise _Unsatisfiable(f"{_join(path, key)}: no listed value satisfies the schema")
+            raise Unsatisfiable(f"{_join(path, key)}: no listed value satisfies the schema")
         return alt(*(literal(canonical_json(v)) for v in kept))
 
     def number(self, s: dict, path: str, integer: bool) -> Node:
@@ -277,12 +280,12 @@ class _Compiler:
             return INTEGER if integer else NUMBER
         if lo is not None and hi is not None:
             if lo > hi or (lo == hi and (lo_strict or hi_strict)):
-                raise _Unsatisfiable(f"{_join(path, lo_key)}: no number is within [{lo}, {hi}] "
+                raise Unsatisfiable(f"{_join(path, lo_key)}: no number is within [{lo}, {hi}] "
                                      "(mind exclusive bounds)")
             first = lo + 1 if lo_strict and lo == int(lo) else Decimal(ceil(lo))
             last = hi - 1 if hi_strict and hi == int(hi) else Decimal(floor(hi))
             if integer and first > last:
-                raise _Unsatisfiable(f"{_join(path, lo_key)}: no integer is within the bounds {lo}..{hi}")
+                raise Unsatisfiable(f"{_join(path, lo_key)}: no integer is within the bounds {lo}..{hi}")
         return number_range(lo, lo_strict, hi, hi_strict, integer)
 
     def string(self, s: dict, path: str) -> Node:
@@ -301,18 +304,18 @@ class _Compiler:
             return quoted(parse_regex(FORMATS[s["format"]], json_chars, where=s["format"], search=False))
         lo, hi = s.get("minLength", 0), s.get("maxLength")
         if hi is not None and lo > hi:
-            raise _Unsatisfiable(f"{_join(path, 'minLength')}: {lo} is more than maxLength {hi}")
+            raise Unsatisfiable(f"{_join(path, 'minLength')}: {lo} is more than maxLength {hi}")
         return STRING if (lo, hi) == (0, None) else quoted(Repeat(STRING_CHAR, lo, hi))
 
     def array(self, s: dict, path: str) -> Node:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
         if hi is not None and lo > hi:
-            raise _Unsatisfiable(f"{_join(path, 'minItems')}: {lo} is more than maxItems {hi}")
+            raise Unsatisfiable(f"{_join(path, 'minItems')}: {lo} is more than maxItems {hi}")
         prefix = []
         for i, sub in enumerate(s.get("prefixItems", [])):
             try:
                 prefix.append(self.schema(sub, f"{_join(path, 'prefixItems')}.{i}"))
-            except _Unsatisfiable:
+            except Unsatisfiable:
                 if lo > i:
                     raise
                 hi = i  # arrays must end before the impossible item
@@ -321,11 +324,11 @@ class _Compiler:
         if "items" not in s or s["items"] is not False:
             try:
                 rest = self.schema(s.get("items", True), _join(path, "items"))
-            except _Unsatisfiable:
+            except Unsatisfiable:
                 if lo > len(prefix):
                     raise
         if rest is None and lo > len(prefix):
-            raise _Unsatisfiable(f"{_join(path, 'minItems')}: {lo} items needed but only {len(prefix)} allowed")
+            raise Unsatisfiable(f"{_join(path, 'minItems')}: {lo} items needed but only {len(prefix)} allowed")
 
         def part(i: int) -> Node:  # the items after the first i
             if hi is not None and i >= hi:
@@ -354,13 +357,13 @@ class _Compiler:
             if name in properties:
                 sub = properties[name]
             elif declared_extra is False:
-                raise _Unsatisfiable(f"{_join(path, 'required')}: {name!r} is required but additionalProperties "
+                raise Unsatisfiable(f"{_join(path, 'required')}: {name!r} is required but additionalProperties "
                                      "is false and it is not among the properties")
             else:
                 sub = True if declared_extra is None else declared_extra
             try:
                 node = self.schema(sub, _join(path, f"properties.{name}"))
-            except _Unsatisfiable:
+            except Unsatisfiable:
                 if name in required:
                     raise
                 continue
@@ -370,7 +373,7 @@ class _Compiler:
             try:
                 value = self.schema(extra, _join(path, "additionalProperties"))
                 extra_member = seq(quoted(string_except(names)) if names else STRING, _COLON, value)
-            except _Unsatisfiable:
+            except Unsatisfiable:
                 pass
         return seq(literal("{"), WS, _members(members, extra_member), WS, literal("}"))
 
@@ -415,55 +418,3 @@ def _bound(s: dict, inclusive: str, exclusive: str, pick: Any) -> tuple[Decimal 
     best = pick(options, key=lambda o: o[0])
     ties = [o for o in options if o[0] == best[0]]
     return best[0], any(o[1] for o in ties), best[2]
-
-
-def _close_additional_properties(parts: list[dict]) -> None:
-    """Within allOf, a branch's additionalProperties also governs the properties other branches declare: make
-    that explicit on the branch before the branches are merged."""
-    for part in parts:
-        extra = part.get("additionalProperties", True)
-        if extra is True:
-            continue
-        own = part["properties"] = dict(part.get("properties", {}))
-        for other in parts:
-            for name in other.get("properties", {}):
-                own.setdefault(name, extra)
-
-
-def _merge_two(a: dict, b: dict, where: str) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if k not in out:
-            out[k] = v
-            continue
-        x = out[k]
-        if k == "type":
-            out[k] = _common_types(x, v, where)
-        elif k in ("minimum", "exclusiveMinimum", "minLength", "minItems"):
-            out[k] = max(x, v)
-        elif k in ("maximum", "exclusiveMaximum", "maxLength", "maxItems"):
-            out[k] = min(x, v)
-        elif k == "required":
-            out[k] = list(dict.fromkeys([*x, *v]))
-        elif k == "properties":
-            out[k] = {**x, **{n: {"allOf": [x[n], sv]} if n in x else sv for n, sv in v.items()}}
-        elif k == "items":
-            out[k] = {"allOf": [x, v]}
-        elif k == "enum":
-            out[k] = [e for e in x if any(json_equal(e, f) for f in v)]
-        elif k == "anyOf":
-            out[k] = [{"allOf": [p, q]} for p in x for q in v]
-        elif not json_equal(x, v):
-            raise SchemaError(f"{where}: allOf branches with different {k!r} cannot be combined (unsupported)")
-    return out
-
-
-def _common_types(x: Any, v: Any, where: str) -> list[str]:
-    a = set([x] if isinstance(x, str) else x)
-    b = set([v] if isinstance(v, str) else v)
-    common = a & b
-    if ("integer" in a and "number" in b) or ("number" in a and "integer" in b):
-        common.add("integer")
-    if not common:
-        raise _Unsatisfiable(f"{where}: allOf branches share no type")
-    return [t for t in TYPES if t in common]

@@ -16,8 +16,18 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from nbllm.constrain.ir import (MAX_CODE_POINT, EMPTY, Node, Repeat, alt, char_set, literal, normalize_ranges,
-                                optional, seq)
+from nbllm.constrain.ir import (
+    EMPTY,
+    MAX_CODE_POINT,
+    Node,
+    Repeat,
+    alt,
+    char_set,
+    literal,
+    normalize_ranges,
+    optional,
+    seq,
+)
 
 INDENT_LIMIT = 20
 WS = optional(alt(literal(" "), seq(literal("\n"), Repeat(literal(" "), 0, INDENT_LIMIT))))
@@ -76,7 +86,7 @@ def canonical_json(value: Any, sort_keys: bool = False) -> str:
     raise ValueError(f"{type(value).__name__} is not a JSON value")
 
 
-def canonical_number(x: int | float) -> str:
+def canonical_number(x: float) -> str:
     if isinstance(x, int):
         return str(x)
     if not math.isfinite(x):
@@ -84,7 +94,7 @@ def canonical_number(x: int | float) -> str:
     return str(int(x)) if x.is_integer() else format(Decimal(repr(x)), "f")
 
 
-def as_decimal(x: int | float) -> Decimal:
+def as_decimal(x: float) -> Decimal:
     """A JSON number as the decimal it is written as (0.1 → Decimal('0.1'), not the binary float's value)."""
     return Decimal(canonical_number(x))
 

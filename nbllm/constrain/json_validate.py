@@ -9,7 +9,7 @@ reuse the regex compiler on the decoded string, so the validator and the grammar
 from __future__ import annotations
 
 from decimal import Decimal
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -48,7 +48,7 @@ def pattern_automaton(pattern: str, where: str) -> Automaton:
                      key=pattern, what=where)
 
 
-@lru_cache(maxsize=None)
+@cache
 def format_automaton(fmt: str) -> Automaton:
     return Automaton({fmt: parse_regex(FORMATS[fmt], char_set, where=fmt, search=False)}, fmt, key=fmt, what=fmt)
 
@@ -130,4 +130,4 @@ def _valid_object(schema: dict, obj: dict, root: Any) -> bool:
         return False
     properties = schema.get("properties", {})
     extra = schema.get("additionalProperties", True)
-    return all(validate(properties[k] if k in properties else extra, v, root) for k, v in obj.items())
+    return all(validate(properties.get(k, extra), v, root) for k, v in obj.items())

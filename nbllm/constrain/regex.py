@@ -22,8 +22,17 @@ from collections.abc import Callable
 
 from nbllm.constrain.automaton import Automaton, content_key
 from nbllm.constrain.errors import SchemaError
-from nbllm.constrain.ir import (MAX_CODE_POINT, EMPTY, Node, Repeat, alt, char_set, complement_ranges,
-                                normalize_ranges, seq)
+from nbllm.constrain.ir import (
+    EMPTY,
+    MAX_CODE_POINT,
+    Node,
+    Repeat,
+    alt,
+    char_set,
+    complement_ranges,
+    normalize_ranges,
+    seq,
+)
 
 Ranges = list[tuple[int, int]]
 Encoder = Callable[[Ranges], Node]
