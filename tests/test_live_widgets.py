@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from nbllm.widgets import live  # noqa: E402
+from nbllm.widgets import live
 
 
 class _Handle:
