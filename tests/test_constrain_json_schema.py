@@ -248,3 +248,9 @@ def test_compile_time_of_the_suite() -> None:
         start = time.process_time()
         compile_json_schema(case.schema)
         assert time.process_time() - start < 1.0, case.name
+
+
+def test_bounds_with_hundreds_of_digits() -> None:
+    g = compile_json_schema({"type": "number", "exclusiveMinimum": 1e-300, "maximum": 1e300})
+    assert g.matches("0.5") and g.matches(json.dumps(2e-300)) and g.matches(json.dumps(1e300))
+    assert not g.matches("0") and not g.matches(json.dumps(1e-300)) and not g.matches(json.dumps(2e300))

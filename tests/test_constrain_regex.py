@@ -102,3 +102,9 @@ def test_choices() -> None:
     for bad in ([], "abc", [1], None):
         with pytest.raises(SchemaError, match="choices"):
             compile_choices(bad)
+
+
+def test_deep_nesting_compiles_or_fails_cleanly() -> None:
+    assert compile_regex("(" * 800 + "a" + ")" * 800).matches("a")
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        compile_regex("(" * 100_000 + "a" + ")" * 100_000)

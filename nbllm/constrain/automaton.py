@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 from nbllm.constrain.errors import SchemaError
@@ -65,8 +66,23 @@ class Grammar(Protocol):
 
 _MISSING = object()
 _CACHE_STATES = 1 << 14  # memoized states before the memo is dropped (states stay valid: they are values)
+_RECURSION_LIMIT = 20_000
 _FORCED_LIMIT = 4096  # bytes; a forced run is finite anyway, this only bounds a pathological one
 _Elem = tuple[str, int]  # ("t", byte mask) or ("r", rule id) while lowering
+
+
+@contextmanager
+def deep_recursion(what: str) -> Iterator[None]:
+    """Compilers recurse as deep as their input nests (a 300-digit bound, a 1000-deep group); allow that, and
+    turn input nested beyond even that into a `SchemaError` instead of a RecursionError."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))
+    try:
+        yield
+    except RecursionError:
+        raise SchemaError(f"{what}: nested too deeply to compile") from None
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def content_key(kind: str, text: str) -> str:
@@ -84,8 +100,14 @@ class Automaton:
     def __init__(self, rules: dict[str, Node], root: str, *, key: str, what: str) -> None:
         self._key = key
         self._what = what
-        lowered = _Lowering(rules, what)
-        alternatives = _prune(lowered, lowered.index[root], what)
+        with deep_recursion(what):  # lowering and closures recurse as deep as the IR
+            self._build(rules, root)
+        self._trans: dict[State, dict[int, State | None]] = {}
+        self._forced: dict[State, bytes] = {}
+
+    def _build(self, rules: dict[str, Node], root: str) -> None:
+        lowered = _Lowering(rules, self._what)
+        alternatives = _prune(lowered, lowered.index[root], self._what)
         self._names = lowered.names
         # Flat layout: every alternative's elements, then an end marker. term[p] is a byte mask (0: not a
         # terminal), ref[p] a rule id (-1: not a reference); both empty marks the end of an alternative.
@@ -103,15 +125,9 @@ class Automaton:
                 self._ref.append(-1)
             self._starts.append(starts)
         self._closures: dict[int, tuple[tuple[tuple[int, ...], ...], bool]] = {}
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(limit, 20000))
-        try:  # every closure up front, so left recursion is found now and never while generating
-            self._closure_at = [self._closure(q) for q in range(len(self._term))]
-        finally:
-            sys.setrecursionlimit(limit)
+        # Every closure up front, so left recursion is found now and never while generating.
+        self._closure_at = [self._closure(q) for q in range(len(self._term))]
         self._initial = self._advance([((), q) for q in self._starts[lowered.index[root]]])
-        self._trans: dict[State, dict[int, State | None]] = {}
-        self._forced: dict[State, bytes] = {}
 
     # ------------------------------------------------------------------------------------------ Grammar
 

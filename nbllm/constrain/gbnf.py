@@ -11,7 +11,7 @@ token ids. Undefined or duplicate rules, a missing root, and left recursion are 
 
 from __future__ import annotations
 
-from nbllm.constrain.automaton import Automaton, content_key
+from nbllm.constrain.automaton import Automaton, content_key, deep_recursion
 from nbllm.constrain.errors import SchemaError
 from nbllm.constrain.ir import EMPTY, MAX_CODE_POINT, Node, Ref, Repeat, alt, char_set, complement_ranges, literal, seq
 
@@ -23,7 +23,8 @@ def compile_grammar(gbnf: str) -> Automaton:
     """A grammar for the strings the GBNF grammar's `root` rule derives."""
     if not isinstance(gbnf, str):
         raise SchemaError(f"gbnf: expected the grammar text, got {type(gbnf).__name__}")
-    rules = _Parser(gbnf).rules()
+    with deep_recursion("gbnf"):
+        rules = _Parser(gbnf).rules()
     return Automaton(rules, "root", key=content_key("gbnf", gbnf), what="gbnf")
 
 

@@ -42,7 +42,7 @@ from decimal import Decimal
 from math import ceil, floor
 from typing import Any
 
-from nbllm.constrain.automaton import Automaton, content_key
+from nbllm.constrain.automaton import Automaton, content_key, deep_recursion
 from nbllm.constrain.errors import SchemaError, Unsatisfiable
 from nbllm.constrain.ir import EMPTY, Node, Ref, Repeat, alt, literal, optional, seq
 from nbllm.constrain.json_allof import TYPES, merge_all
@@ -127,9 +127,10 @@ def compile_json_schema(schema: dict | bool | str) -> JsonSchemaGrammar:
             schema = json.loads(schema)
         except ValueError as e:
             raise SchemaError(f"json schema: not valid JSON ({e})") from None
-    compiler = _Compiler(schema)
-    key = content_key("json_schema", json.dumps(schema, ensure_ascii=False))
-    return JsonSchemaGrammar(schema, compiler.rules, key)
+    with deep_recursion("json schema"):
+        compiler = _Compiler(schema)
+        key = content_key("json_schema", json.dumps(schema, ensure_ascii=False))
+        return JsonSchemaGrammar(schema, compiler.rules, key)
 
 
 class JsonSchemaGrammar(Automaton):

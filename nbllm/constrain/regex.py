@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from nbllm.constrain.automaton import Automaton, content_key
+from nbllm.constrain.automaton import Automaton, content_key, deep_recursion
 from nbllm.constrain.errors import SchemaError
 from nbllm.constrain.ir import (
     EMPTY,
@@ -52,7 +52,8 @@ def compile_regex(pattern: str) -> Automaton:
     """A grammar matching exactly the strings `re.fullmatch(pattern, s)` matches (in the supported syntax)."""
     if not isinstance(pattern, str):
         raise SchemaError(f"regex: expected a string pattern, got {type(pattern).__name__}")
-    body = parse_regex(pattern, char_set, where="regex", search=False)
+    with deep_recursion("regex"):
+        body = parse_regex(pattern, char_set, where="regex", search=False)
     return Automaton({"regex": body}, "regex", key=content_key("regex", pattern), what=f"regex {pattern!r}")
 
 
