@@ -1,7 +1,6 @@
 """Tokenizers built from GGUF metadata: tiny hand-made vocabularies pin the semantics (llama.cpp's), the
 default Gemma vocabulary pins real-world ids (checked against transformers) and the warm load path."""
 
-
 import numpy as np
 import pytest
 
