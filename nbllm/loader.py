@@ -132,7 +132,8 @@ def load_model(
 
     `numerics="exact"` computes in `dtype` over the dequantized weights (fp32: equal to transformers);
     `"llamacpp"` rounds as llama.cpp's CPU backend does (`nbllm.models.llamacpp_numerics`; fp32 only, to be run
-    with `DenseKVCache(kv_dtype=torch.float16)`), so greedy output matches llama.cpp's token for token.
+    with `DenseKVCache(kv_dtype=torch.float16)`): each op then matches llama.cpp's to ~1e-7 from the same inputs,
+    though not bit for bit (see that module for what this does and does not buy at greedy near-ties).
     """
     if numerics not in ("exact", "llamacpp"):
         raise ModelLoadError(f"unknown numerics {numerics!r}: use 'exact' or 'llamacpp'")

@@ -1,10 +1,11 @@
 """llama.cpp-compatible numerics: a forward that rounds where llama.cpp's CPU backend rounds.
 
 Why: the exact fp32 forward (the default; it equals transformers) and llama.cpp differ by ~0.1-0.5 in the logits,
-so at near-ties (two tokens within ~0.05) greedy decoding picks differently. This mode reproduces the rounding of
-llama.cpp's ggml-cpu backend as built by llama-cpp-python on x86 with AVX2 (`-march=native`), so the two agree
-token for token and logit for logit (to ~1e-5 where the same ops run). Weights are the same dequantized
-tensors (the dequant cache is untouched); only activations are rounded. What ggml does, and this module copies:
+mostly because llama.cpp rounds activations to 8 bits before its matmuls. This mode reproduces the rounding of
+llama.cpp's ggml-cpu backend as built by llama-cpp-python on x86 with AVX2 (`-march=native`): fed the same
+inputs, every op matches llama.cpp's output to ~1e-7 (the norms, the GELU and the embedding bit for bit), and a
+short prompt's logits match to ~1e-5. Weights are the same dequantized tensors (the dequant cache is untouched);
+only activations are rounded. What ggml does, and this module copies:
 
 - Matmuls against a quantized weight first convert the activation row to the weight type's `vec_dot_type`
   (`ggml_compute_forward_mul_mat`; `type_traits_cpu` in `ggml-cpu.c`): Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 (Q8_1
@@ -28,8 +29,18 @@ in float64 and rounded once to float32: that equals C's correctly rounded float 
 `scalar / tensor` multiplies by a reciprocal and its float32 `sqrt` may be off by an ulp, and an ulp moves
 values across a q8 rounding boundary often enough to matter (activations at exact .5 ties are common).
 
-Not reproduced: llama.cpp's SiLU (SwiGLU models) uses its own `expf` approximation; scaled rope (linear/llama3
-`rope_freqs`) keeps our rotary; Q8_1's f16 block sum; summation order inside dot products (~1e-7 relative).
+Not reproduced: the fp32 summation order inside llama.cpp's dot products (its lanes, blocks and repacked
+kernels; ~1e-7 relative) and its softmax `expf` approximation; the SiLU of SwiGLU models (its own `expf`);
+scaled rope (linear/llama3 `rope_freqs`: those layers keep our rotary); Q8_1's f16 block sum.
+
+What that leaves: an 8-bit-rounding forward is chaotic. A one-ulp difference sometimes moves a value across a
+rounding step, the step perturbs the next layer far more than an ulp, and so on: relative noise of 1e-7 on the
+input changes this mode's logits by ~0.2 on average (the exact forward's: by ~5e-6). llama.cpp differs from
+itself by as much between a batched and a token-by-token prompt. Longer prompts therefore land ~0.1-0.3 from
+llama.cpp's logits, like the exact forward, and greedy picks at llama.cpp's near-ties are not reproduced; that
+takes bit-exact copies of its kernels (for Q8_0/Q5_0 weights, emulating the AVX2 lane order does give
+bit-equal outputs).
+
 Use it through `load_model(path, numerics="llamacpp")` with an f16 `DenseKVCache`.
 """
 
@@ -43,7 +54,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from nbllm.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 
 __all__ = [
     "LlamaCppRMSNorm",
