@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbllm.constrain import compile_choices, compile_regex
+from nbllm.constrain import compile_regex
 from nbllm.constrain.jump_forward import JumpForward
 from nbllm.constrain.matcher import Matcher, matcher_for
 from nbllm.constrain.token_index import MaskCache, TokenIndex, VocabTrie

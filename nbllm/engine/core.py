@@ -31,7 +31,6 @@ from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 from nbllm.tokenizer import Detokenizer, Tokenizer
 
-
 if TYPE_CHECKING:
     from nbllm.constrain.matcher import Matcher
 
