@@ -7,10 +7,12 @@ import random
 
 import pytest
 
-from nbllm import LLM, NbllmError, SamplingParams
+from nbllm import NbllmError, SamplingParams
 from nbllm.engine.core import PromptTooLongError
 from nbllm.engine.sampling_params import InvalidSamplingParams
 from nbllm.models.reference import greedy_generate
+
+from engine_helpers import assert_no_leak, interrupt_at_step, make_llm
 
 MAX_NEW = 16
 
@@ -19,22 +21,6 @@ MAX_NEW = 16
 def tiny_llama(tiny_model):
     path, _ = tiny_model("llama", "f32")
     return path
-
-
-def make_llm(path, **kwargs) -> LLM:
-    kwargs.setdefault("kv_cache_tokens", 4096)
-    return LLM(path, device="cpu", **kwargs)
-
-
-def assert_no_leak(llm: LLM) -> None:
-    """Every request has ended: only the prefix cache may hold blocks, and clearing it frees them all."""
-    engine = llm.engine
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    cached = engine.radix.cached_blocks() if engine.radix else 0
-    assert engine.blocks.num_used_blocks == cached
-    llm.reset_prefix_cache()
-    assert engine.blocks.num_used_blocks == 0
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def prompts(n: int, *, seed: int = 0, lo: int = 3, hi: int = 60, vocab: int = 320) -> list[list[int]]:
@@ -198,20 +184,8 @@ def test_prompt_too_long_fails_before_any_work(tiny_llama) -> None:
 def test_interrupt_leaves_no_request_and_no_block(tiny_llama, reference) -> None:
     llm = make_llm(tiny_llama)
     engine = llm.engine
-    original = engine.runner.execute
-    calls = 0
-
-    def interrupting(batch):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise KeyboardInterrupt
-        return original(batch)
-
-    engine.runner.execute = interrupting
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), interrupt_at_step(engine, 3):
         llm.generate(prompts(4, seed=12), GREEDY)
-    engine.runner.execute = original
     assert not engine.requests
     assert_no_leak(llm)
     p = prompts(1, seed=13)[0]

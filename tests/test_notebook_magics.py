@@ -9,6 +9,8 @@ from IPython.testing.globalipapp import start_ipython
 
 from nbllm.notebook.magics import interpolate
 
+from engine_helpers import interrupt_at_step
+
 
 @pytest.fixture(scope="module")
 def ip(tiny_model):
@@ -64,21 +66,8 @@ def test_bad_input_is_one_line_and_the_session_survives(ip, capsys) -> None:
 
 def test_interrupt_mid_stream_frees_blocks(ip, capsys) -> None:
     engine = session(ip).llm.engine
-    original = engine.runner.execute
-    calls = 0
-
-    def interrupting(batch):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise KeyboardInterrupt
-        return original(batch)
-
-    engine.runner.execute = interrupting
-    try:
+    with interrupt_at_step(engine, 3):
         ip.run_cell_magic("llm", "--max-tokens 50", "a long answer please")
-    finally:
-        engine.runner.execute = original
     assert "interrupted" in capsys.readouterr().err
     assert not engine.requests and not engine.scheduler.running
     assert engine.blocks.num_used_blocks == engine.radix.cached_blocks()

@@ -12,9 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from nbllm import LLM, SamplingParams
+from nbllm import SamplingParams
 from nbllm.engine.sampler import Sampler, SamplingBatch
 from nbllm.engine.spec_decode import SpeculativeConfig, num_accepted, propose_ngram
+
+from engine_helpers import assert_no_leak, make_llm
 
 # ---------------------------------------------------------------------------------------------- proposer
 
@@ -115,20 +117,6 @@ def test_verified_tokens_follow_the_processed_target_distribution() -> None:
 def tiny_llama(tiny_model):
     path, _ = tiny_model("llama", "f32")
     return path
-
-
-def make_llm(path, **kwargs) -> LLM:
-    kwargs.setdefault("kv_cache_tokens", 4096)
-    return LLM(path, device="cpu", **kwargs)
-
-
-def assert_no_leak(llm: LLM) -> None:
-    engine = llm.engine
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    cached = engine.radix.cached_blocks() if engine.radix else 0
-    assert engine.blocks.num_used_blocks == cached
-    llm.reset_prefix_cache()
-    assert engine.blocks.num_used_blocks == 0
 
 
 def repetitive_prompts(n: int, *, seed: int, repeats: int = 5) -> list[list[int]]:
