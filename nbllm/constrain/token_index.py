@@ -49,7 +49,8 @@ class VocabTrie:
     Node 0 is the root (the empty prefix); the nodes of depth d follow those of depth d - 1, sorted by bytes,
     so each node's children are `first_child[n] : first_child[n] + num_children[n]`. `token_node[t]` is the
     node spelling token t, or `num_nodes` (a sentinel) for tokens never allowed inside constrained output.
-    Several tokens may share a node (a byte token `<0x41>` and the normal token `A`).
+    Several tokens may share a node (a byte token `<0x41>` and the normal token `A`): the tokens of node n are
+    `node_tokens[node_token_start[n] : node_token_start[n + 1]]`.
     """
 
     vocab_size: int
@@ -59,6 +60,8 @@ class VocabTrie:
     first_child: np.ndarray  # [N] int64
     num_children: np.ndarray  # [N] int64
     token_node: np.ndarray  # [V] int64
+    node_tokens: np.ndarray  # [text tokens] int64, grouped by node
+    node_token_start: np.ndarray  # [N + 1] int64
 
     @property
     def num_nodes(self) -> int:
@@ -118,8 +121,10 @@ class VocabTrie:
         first_child = np.searchsorted(parent[1:], np.arange(num_nodes)) + 1
         full_token_node = np.full(size, num_nodes, dtype=np.int64)
         full_token_node[ids] = token_node
+        by_node = np.argsort(token_node, kind="stable")
+        node_token_start = np.searchsorted(token_node[by_node], np.arange(num_nodes + 1))
         return cls(size, tuple(token_bytes), np.array(sorted(eos_ids), dtype=np.int64), np.concatenate(byte_parts),
-                   first_child.astype(np.int64), num_children, full_token_node)
+                   first_child.astype(np.int64), num_children, full_token_node, ids[by_node], node_token_start)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> VocabTrie:
@@ -157,13 +162,14 @@ class TokenMask:
     eos: bool  # whether end-of-generation tokens are allowed (the state accepts)
 
     @classmethod
-    def from_bool(cls, allowed: np.ndarray, num_text: int, eos: bool) -> TokenMask:
-        size = len(allowed)
-        count = int(allowed.sum())
+    def from_ids(cls, ids: np.ndarray, size: int, num_text: int, eos: bool) -> TokenMask:
+        """From the distinct allowed token ids (end-of-generation ones included when `eos`)."""
         bits_bytes = (size + 7) // 8
-        if 4 * count <= bits_bytes:
-            return cls(size, "allowed", np.flatnonzero(allowed).astype(np.int32), num_text, eos)
-        if 4 * (size - count) <= bits_bytes:
+        if 4 * len(ids) <= bits_bytes:  # the common structural state: no pass over the vocabulary
+            return cls(size, "allowed", np.sort(ids).astype(np.int32), num_text, eos)
+        allowed = np.zeros(size, dtype=np.bool_)
+        allowed[ids] = True
+        if 4 * (size - len(ids)) <= bits_bytes:
             return cls(size, "disallowed", np.flatnonzero(~allowed).astype(np.int32), num_text, eos)
         return cls(size, "bits", np.packbits(allowed), num_text, eos)
 
@@ -269,16 +275,14 @@ class TokenIndex:
         if len(self._states) > self.max_states:
             self._reset_table()
         trie = self.trie
-        alive = np.zeros(trie.num_nodes + 1, dtype=np.bool_)  # + the never-allowed sentinel
+        alive = []  # the live nodes, level by level
         frontier = np.zeros(1, dtype=np.int64)
         states = np.array([self._intern(state)], dtype=np.int64)
         while frontier.size:
             counts = trie.num_children[frontier]
-            total = int(counts.sum())
-            if total == 0:
+            children = _ranges(trie.first_child[frontier], counts)
+            if not children.size:
                 break
-            ends = np.cumsum(counts)
-            children = np.repeat(trie.first_child[frontier] - (ends - counts), counts) + np.arange(total)
             parent_states = np.repeat(states, counts)
             byte = trie.byte[children]
             nxt = self._table[parent_states, byte]
@@ -288,12 +292,13 @@ class TokenIndex:
                 nxt = self._table[parent_states, byte]
             live = nxt >= 0
             frontier, states = children[live], nxt[live].astype(np.int64)
-            alive[frontier] = True
-        allowed = alive[trie.token_node]
-        num_text = int(allowed.sum())
+            alive.append(frontier)
+        nodes = np.concatenate(alive) if alive else frontier
+        starts = trie.node_token_start[nodes]
+        tokens = trie.node_tokens[_ranges(starts, trie.node_token_start[nodes + 1] - starts)]
         eos = bool(self.grammar.accepting(state))
-        allowed[trie.eos_ids] = eos
-        return TokenMask.from_bool(allowed, num_text, eos)
+        ids = np.concatenate([tokens, trie.eos_ids]) if eos else tokens
+        return TokenMask.from_ids(ids, trie.vocab_size, len(tokens), eos)
 
     # -- byte and token steps ---------------------------------------------------------------------------
 
@@ -338,3 +343,9 @@ class TokenIndex:
         if not self.trie.is_text(token_id):
             return None
         return self.step_bytes(state, self.trie.token_bytes[token_id])
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of `arange(start, start + count)` for each pair, without a Python loop."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
