@@ -1,0 +1,149 @@
+"""Paged decode attention in Triton: one query per sequence, GQA-packed, split-K (flash-decoding).
+
+Same contract as `paged_attention` (its torch reference, `nbllm.kernels.paged_attention`) restricted to one
+query per sequence: `q: [B, Hq, D]` is each sequence's query at position `context_lens[b] - 1`, and its keys
+(this step's already stored) live in the paged pools `[num_blocks, block_size, Hkv, D]`.
+
+Decode is a pass over the KV cache: its time is the bytes of K and V read. So each program reads one KV head's
+keys once for the whole query group that shares it (the G = Hq / Hkv query heads become the rows of one `tl.dot`),
+and a long context is cut into `num_splits` slices attended by separate programs (flash-decoding), whose partial
+results (output and log-sum-exp) a second kernel merges. Without splits a batch-1 decode would run Hkv programs
+on a 132-SM chip. `num_splits` is a launch constant, not derived from the context lengths, so a CUDA graph
+captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention", "default_num_splits"]
+
+_BLOCK_N = 64  # keys per tile: four 16-token blocks
+
+
+def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Enough splits that `batch * Hkv * splits` programs fill the chip about twice, at most 16."""
+    return max(1, min(16, -(-2 * num_sms // (batch * num_kv_heads))))
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr,
+    stride_qb, stride_qh, stride_tb,
+    scale, window,
+    HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    first = 0
+    if window > 0:
+        first = tl.maximum(ctx - window, 0)
+    per_split = tl.cdiv(ctx - first, SPLITS)
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, ctx)
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        key_ok = pos < hi
+        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        offs = (slot[:, None] * HKV + kv_head) * D + dims[None, :]
+        kv_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=PRECISION) * scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_ptr + offs, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    base = (b * HQ + heads) * SPLITS + split
+    tl.store(mid_o_ptr + base[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(mid_lse_ptr + base, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    base = (b * HQ + head) * SPLITS
+    lse = tl.load(mid_lse_ptr + base + splits, mask=splits < SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a padding row: no keys in any split
+    w = tl.exp(lse - top)
+    o = tl.load(mid_o_ptr + (base + splits)[:, None] * BLOCK_D + dims[None, :], mask=(splits < SPLITS)[:, None],
+                other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < D)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of each sequence's single query `q: [B, Hq, D]` over its paged keys -> `[B, Hq, D]`.
+
+    `block_tables: int32 [B, max_blocks]`, `context_lens: int32 [B]` (keys per sequence, this step's included;
+    a padding row of a captured batch may have 0 and then gets zeros). Launches only: no host synchronisation,
+    so it can be captured in a CUDA graph. fp32 inputs use IEEE fp32 products (no tf32).
+    """
+    batch, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    block_d = triton.next_power_of_2(d)
+    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("decode_attention needs q's last dimension and the KV pools contiguous")
+    mid_o = torch.empty((batch, hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _split_kernel[(batch, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        scale, sliding_window or 0,
+        HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=_BLOCK_N, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision,
+        num_warps=4, num_stages=2,
+    )
+    _merge_kernel[(batch, hq)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1),
+        HQ=hq, D=d, BLOCK_D=block_d, SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+    )
+    return out

@@ -1,0 +1,153 @@
+"""The Triton kernels against their torch references, on fresh random inputs with NaN-poisoned pools.
+
+They run on CUDA; without it they skip, unless `TRITON_INTERPRET=1` is set (before Python starts), which runs
+the same kernels on the CPU through Triton's interpreter: slow, so the shapes shrink there (Triton 3.6's
+interpreter with numpy 2.4 fails on loops over loaded bounds, `int()` of a 1-element array; it ran with that
+one line of the interpreter patched, so CI, which has no Triton, does not run it).
+Batches come from `test_paged_attention.make_batch`: shuffled non-contiguous blocks, a shared prefix, garbage
+in unused block-table entries and NaN in every never-written slot.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from test_paged_attention import make_batch
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
+
+from nbllm.kernels.decode_attention import decode_attention  # noqa: E402
+from nbllm.kernels.extend_attention import extend_attention  # noqa: E402
+from nbllm.kernels.paged_attention import paged_attention  # noqa: E402
+from nbllm.kernels.paged_attention import store_kv as store_kv_reference  # noqa: E402
+from nbllm.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
+from nbllm.kernels.rotary import rotary_embedding, rotary_reference  # noqa: E402
+from nbllm.kernels.store_kv import store_kv  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+# Context lengths: long enough for several key tiles and splits on a GPU, a few tiles under the interpreter.
+LONG = 150 if INTERPRET else 2000
+HEAD_DIM = 32 if INTERPRET else 128
+DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def reference(batch, scale: float, window: int | None) -> torch.Tensor:
+    """The torch paged attention on the CPU in fp32 over the same (possibly bf16-rounded) values."""
+    return paged_attention(batch.q.float(), batch.k_cache.float(), batch.v_cache.float(),
+                           block_tables=batch.block_tables, cu_query_lens=batch.cu_query_lens,
+                           context_lens=batch.context_lens, scale=scale, sliding_window=window)
+
+
+def on_device(batch):
+    return {name: getattr(batch, name).to(DEVICE) for name in
+            ("q", "k_cache", "v_cache", "block_tables", "cu_query_lens", "context_lens")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("window", [None, 7, 100])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_decode_attention_matches_paged_reference(dtype, group, window, num_splits) -> None:
+    seqs = [(LONG, 1), (1, 1), (17, 1), (64, 1), (LONG // 3, 1)]
+    kv_heads = 2
+    batch = make_batch(seqs, block_size=16, heads=kv_heads * group, kv_heads=kv_heads, head_dim=HEAD_DIM,
+                       shared_blocks=2, dtype=dtype, seed=group * 100 + num_splits + (window or 0))
+    d = on_device(batch)
+    out = torch.full_like(d["q"], float("nan"))
+    decode_attention(d["q"], d["k_cache"], d["v_cache"], block_tables=d["block_tables"],
+                     context_lens=d["context_lens"], scale=HEAD_DIM**-0.5, sliding_window=window,
+                     num_splits=num_splits, out=out)
+    torch.testing.assert_close(out.cpu().float(), reference(batch, HEAD_DIM**-0.5, window), **tolerance(dtype))
+
+
+def test_decode_attention_padding_rows_give_zeros() -> None:
+    """A CUDA-graph batch padded past its real sequences: context 0 reads nothing and writes zeros."""
+    batch = make_batch([(40, 1), (9, 1)], block_size=16, heads=4, kv_heads=2, head_dim=HEAD_DIM, seed=3)
+    d = on_device(batch)
+    d["context_lens"][1] = 0
+    out = decode_attention(d["q"], d["k_cache"], d["v_cache"], block_tables=d["block_tables"],
+                           context_lens=d["context_lens"], scale=0.2, sliding_window=None, num_splits=4)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    assert torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_extend_attention_matches_paged_reference(dtype, group, window, block_size) -> None:
+    """Prefill, extend over a shared prefix, speculative-sized and decode rows in one launch."""
+    seqs = [(LONG, 1), (33, 33), (90, 20), (LONG, LONG - 64), (64, 3), (17, 1), (50, 9)]
+    kv_heads = 2
+    batch = make_batch(seqs, block_size=block_size, heads=kv_heads * group, kv_heads=kv_heads, head_dim=HEAD_DIM,
+                       shared_blocks=32 // block_size, dtype=dtype, seed=group * 10 + block_size + (window or 0))
+    d = on_device(batch)
+    out = torch.full_like(d["q"], float("nan"))
+    extend_attention(d["q"], d["k_cache"], d["v_cache"], block_tables=d["block_tables"],
+                     cu_query_lens=d["cu_query_lens"], context_lens=d["context_lens"],
+                     max_query_len=max(n for _, n in seqs), scale=0.3, sliding_window=window, out=out)
+    torch.testing.assert_close(out.cpu().float(), reference(batch, 0.3, window), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_matches_reference_and_skips_padding(dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    blocks, block_size, hkv, d = 9, 16, 2, HEAD_DIM
+    tokens = 70
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens].int()
+    slots[::7] = -1
+    # k and v as column slices of one projection output, as the model produces them.
+    kv = torch.randn(tokens, 2 * hkv * d + 8, generator=gen).to(dtype)
+    k, v = kv[:, : hkv * d].view(tokens, hkv, d), kv[:, hkv * d : 2 * hkv * d].view(tokens, hkv, d)
+    want_k = torch.full((blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    want_v = want_k.clone()
+    store_kv_reference(want_k, want_v, k, v, slots)
+    got_k, got_v = want_k.new_full(want_k.shape, float("nan")).to(DEVICE), want_v.new_full(want_v.shape, float("nan")).to(DEVICE)
+    store_kv(got_k, got_v, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
+    assert torch.equal(got_k.cpu().nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(got_v.cpu().nan_to_num(7.0), want_v.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [HEAD_DIM, 1000])
+def test_rms_norm_and_fused_residual_match_reference(dtype, width) -> None:
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(37, width, generator=gen) * 3).to(dtype)
+    residual = torch.randn(37, width, generator=gen).to(dtype)
+    w = (1 + 0.3 * torch.randn(width, generator=gen)).to(dtype)
+    out = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-6)
+    torch.testing.assert_close(out.cpu(), rms_norm_reference(x, w, 1e-6), **tolerance(dtype))
+    normed, total = add_rms_norm(x.to(DEVICE), residual.to(DEVICE), w.to(DEVICE), 1e-6)
+    assert torch.equal(total.cpu(), x + residual)
+    torch.testing.assert_close(normed.cpu(), rms_norm_reference(x + residual, w, 1e-6), **tolerance(dtype))
+    # Per-head norms (Qwen3's q/k norm) go through the same kernel over a strided 3-d view.
+    heads = torch.randn(5, 2 * 3 * HEAD_DIM, generator=gen).to(dtype)[:, : 3 * HEAD_DIM].view(5, 3, HEAD_DIM)
+    wh = w[:HEAD_DIM] if width >= HEAD_DIM else w
+    torch.testing.assert_close(rms_norm(heads.to(DEVICE), wh.to(DEVICE), 1e-6).cpu(),
+                               rms_norm_reference(heads, wh, 1e-6), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_reference(dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    d, heads, tokens, max_pos = HEAD_DIM, 6, 29, 500
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None]
+    cos, sin = freqs.cos(), freqs.sin()
+    # A column slice of a wider projection: the token stride is not heads * d.
+    x = torch.randn(tokens, (heads + 2) * d, generator=gen).to(dtype)[:, : heads * d].view(tokens, heads, d)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    out = rotary_embedding(x.to(DEVICE), positions.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE))
+    torch.testing.assert_close(out.cpu(), rotary_reference(x, positions, cos, sin), **tolerance(dtype))
