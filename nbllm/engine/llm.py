@@ -24,6 +24,7 @@ from nbllm.engine.spec_decode import SpeculativeConfig
 from nbllm.errors import NbllmError
 from nbllm.loader import load_model
 from nbllm.gguf import open_gguf
+from nbllm.models.attention import DenseKVCache
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 from nbllm.tokenizer import Tokenizer
@@ -152,6 +153,45 @@ class LLM:
         search = BeamSearch(self.engine, encoded, beam_width, max_tokens, length_penalty=length_penalty,
                             ignore_eos=ignore_eos)
         return search.run()
+
+    @torch.inference_mode()
+    def token_logprobs(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """Teacher forcing: for each token list `ids` and its `start`, `log p(ids[i] | ids[:i])` for every
+        `i >= start` (`start >= 1`), all sequences in one forward.
+
+        What scoring fixed continuations needs (the DSL's `select`, SGLang's prompt logprobs). It runs a plain
+        dense forward beside the paged engine, so it neither reads nor fills the prefix cache: meant for short
+        texts, and for a caller that does not step the engine at the same time (the engine is single-threaded).
+        """
+        seqs = [[int(t) for t in ids] for ids in sequences]
+        if len(seqs) != len(starts) or any(not 1 <= s <= len(ids) for ids, s in zip(seqs, starts)):
+            raise NbllmError("token_logprobs needs one start per sequence, each in [1, len(sequence)]")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for ids in seqs for t in ids):
+            raise NbllmError(f"token ids must be in [0, {vocab}); got an id outside that range")
+        if not seqs:
+            return []
+        cache = DenseKVCache()
+        cache.prepare(range(len(seqs)), [len(ids) for ids in seqs])
+        device = self.model.device
+        flat = torch.tensor([t for ids in seqs for t in ids], dtype=torch.long, device=device)
+        positions = torch.tensor([p for ids in seqs for p in range(len(ids))], device=device)
+        hidden = self.model(flat, positions, cache)
+        rows, targets, offset = [], [], 0
+        for ids, start in zip(seqs, starts):
+            rows.extend(range(offset + start - 1, offset + len(ids) - 1))  # the row before each scored token
+            targets.extend(ids[start:])
+            offset += len(ids)
+        if not rows:
+            return [[] for _ in seqs]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])
+        picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])
+        values = picked[:, 0].tolist()
+        out, at = [], 0
+        for ids, start in zip(seqs, starts):
+            out.append(values[at : at + len(ids) - start])
+            at += len(ids) - start
+        return out
 
     def chat(
         self,
