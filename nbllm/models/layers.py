@@ -59,9 +59,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one Triton pass instead of six elementwise kernels
+            from nbllm.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(residual + x), residual + x)`: a pre-norm layer's residual add and its next norm, fused on CUDA."""
+        if x.is_cuda:
+            from nbllm.kernels.rmsnorm import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        total = residual + x
+        return self(total), total
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
@@ -98,6 +111,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x: [T, heads, head_dim]` by each token's position `positions: [T]`."""
+        if x.is_cuda:  # fp32 rotation in one kernel (this path rounds cos/sin to x's type first)
+            from nbllm.kernels.rotary import rotary_embedding
+
+            return rotary_embedding(x, positions, self.cos, self.sin)
         cos = self.cos[positions].to(x.dtype)[:, None, :]
         sin = self.sin[positions].to(x.dtype)[:, None, :]
         x1, x2 = x.chunk(2, dim=-1)
@@ -116,11 +133,33 @@ class GatedMLP(nn.Module):
     def __init__(self, gate: Linear, up: Linear, down: Linear, activation: str) -> None:
         super().__init__()
         self.gate, self.up, self.down = gate, up, down
+        self.gate_up: Linear | None = None
         self.activation = activation
         self.act = _ACTIVATIONS[activation]
 
+    def fuse_projections(self) -> None:
+        """Replace gate and up by one `[2I, H]` linear (one GEMM, one launch) when both are plain dense weights."""
+        fused = _concat_linears((self.gate, self.up))
+        if fused is not None:
+            self.gate_up, self.gate, self.up = fused, None, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def _concat_linears(parts: tuple[Linear, ...]) -> Linear | None:
+    """One linear whose output is the parts' outputs side by side, or None when a part is not a plain dense
+    `Linear` (quantized formats, llama.cpp activation rounding) or only some parts have a bias."""
+    if any(type(p) is not Linear or p.round_input is not None for p in parts):
+        return None
+    biases = [p.bias for p in parts]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    bias = torch.cat(biases) if biases[0] is not None else None
+    return Linear(torch.cat([p.weight for p in parts]), bias)
 
 
 class Attention(nn.Module):
@@ -150,17 +189,29 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.qkv_proj: Linear | None = None
         self.q_norm, self.k_norm = q_norm, k_norm
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
 
+    def fuse_projections(self) -> None:
+        """Replace q, k and v by one linear (one GEMM, one launch) when all three are plain dense weights."""
+        fused = _concat_linears((self.q_proj, self.k_proj, self.v_proj))
+        if fused is not None:
+            self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)

@@ -27,8 +27,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = build_mlp(config, weights, layer)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), positions, attn)
-        return h + self.mlp(self.ffn_norm(h))
+        normed, h = self.ffn_norm.add_forward(self.attn(self.attn_norm(h), positions, attn), h)
+        return h + self.mlp(normed)
 
 
 class LlamaForCausalLM(CausalLM):
