@@ -3,14 +3,17 @@
 The runner owns the KV pool (per layer, `[num_blocks, block_size, kv_heads, head_dim]` for K and for V) and turns a
 `ScheduledBatch` into flat tensors the way vLLM does: the new tokens of every sequence concatenated, their
 positions, the slot each one's K/V goes to, and per sequence its block table, query span and context length.
-The model sees only the `AttentionBackend` seam; `PagedAttention` behind it stores K/V through the slot mapping
-and attends through the block tables (`nbllm.kernels.paged_attention`).
+The model sees only the `AttentionBackend` seam: on the CPU `PagedAttention` stores K/V through the slot
+mapping and attends through the block tables in torch (`nbllm.kernels.paged_attention`); on CUDA
+`TritonPagedAttention` does the same with the Triton kernels, and steps where every sequence decodes one token
+replay a CUDA graph (`nbllm.engine.cuda_graphs`), so a decode step is a handful of launches, not thousands.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nbllm.engine.scheduler import ScheduledBatch
@@ -46,9 +49,16 @@ class KVPool:
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
+def gpu_kv_memory_bytes(device: torch.device, fraction: float = 0.85) -> int:
+    """KV-pool bytes for a CUDA device whose weights are loaded: `fraction` of the free memory, the rest left
+    for activations, logits and CUDA-graph pools."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * fraction)
+
+
 @dataclass
 class PagedAttention:
-    """The `AttentionBackend` of one step: where this step's K/V go and which blocks each sequence reads."""
+    """The CPU `AttentionBackend` of one step: where this step's K/V go and which blocks each sequence reads."""
 
     pool: KVPool
     slot_mapping: torch.Tensor  # [T] int64
@@ -70,57 +80,153 @@ class PagedAttention:
         return run_paged_attention(q, k_cache, v_cache, plan, scale=scale)
 
 
+@dataclass
+class TritonPagedAttention:
+    """The CUDA `AttentionBackend`: Triton KV store, then decode (split-K) or extend attention.
+
+    `num_splits` set means every sequence has exactly one query (a decode step, possibly a padded CUDA-graph
+    batch whose extra rows have context 0 and slot -1); otherwise `max_query_len` bounds the extend launch.
+    No method reads device memory on the host, so a forward through this backend can be graph-captured.
+    """
+
+    pool: KVPool
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_query_lens: torch.Tensor | None  # [B + 1] int32; unused in decode
+    context_lens: torch.Tensor  # [B] int32
+    max_query_len: int = 1
+    num_splits: int | None = None
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        from nbllm.kernels import decode_attention, extend_attention
+        from nbllm.kernels import store_kv as triton_store
+
+        k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
+        triton_store.store_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        if self.num_splits is not None:
+            return decode_attention.decode_attention(
+                q, k_cache, v_cache, block_tables=self.block_tables, context_lens=self.context_lens, scale=scale,
+                sliding_window=sliding_window, num_splits=self.num_splits)
+        return extend_attention.extend_attention(
+            q, k_cache, v_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
+            context_lens=self.context_lens, max_query_len=self.max_query_len, scale=scale,
+            sliding_window=sliding_window)
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch on the host (numpy), before it goes to the device."""
+
+    ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    cu_query_lens: np.ndarray  # [B + 1] int32
+    context_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    logit_rows: list[int]  # rows of the hidden states whose logits the caller needs
+    ready: list[Sequence]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one token and needs its logits."""
+        return len(self.ids) == len(self.context_lens) == len(self.ready)
+
+
+def prepare_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
+    """Flatten the scheduled sequences; per-token index arithmetic is vectorised (a decode step has one token
+    per sequence, but a prefill step has thousands)."""
+    ids: list[int] = []
+    starts, counts, tables, logit_rows, ready = [], [], [], [], []
+    total = 0
+    for seq, n in batch.seqs:
+        start, end = seq.num_computed, seq.num_computed + n
+        draft = seq.spec_token_ids
+        ids.extend(seq.token_ids[start:end])
+        ids.extend(draft[: max(0, end - seq.num_tokens)])
+        starts.append(start)
+        counts.append(n)
+        tables.append(seq.table.blocks)
+        total += n
+        if end == seq.num_tokens + len(draft):
+            ready.append(seq)
+            logit_rows.extend(range(total - 1 - len(draft), total))
+    counts_np = np.asarray(counts, dtype=np.int64)
+    cu = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts_np, out=cu[1:])
+    starts_np = np.asarray(starts, dtype=np.int64)
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1] - starts_np, counts_np)
+    table = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = t
+    owner = np.repeat(np.arange(len(tables)), counts_np)
+    slots = table[owner, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return StepInputs(
+        ids=np.asarray(ids, dtype=np.int64), positions=positions, slots=slots, cu_query_lens=cu.astype(np.int32),
+        context_lens=(starts_np + counts_np).astype(np.int32), block_tables=table, logit_rows=logit_rows,
+        ready=ready,
+    )
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+    """`execute(batch)`: one step of the model over the KV pool, on the CPU or on CUDA.
+
+    On CUDA, decode steps of at most `max_graph_batch` sequences replay CUDA graphs captured on first use for
+    batch sizes 1, 2, 4, 8, 16, 32, 48, ... (padded up to the next one); `cuda_graphs=False` runs them eagerly.
+    """
+
+    def __init__(self, model: CausalLM, config: ModelConfig, num_blocks: int, block_size: int, *,
+                 cuda_graphs: bool = True, max_graph_batch: int = 256) -> None:
         self.model, self.config = model, config
         self.device = model.device
         self.pool = KVPool(config, num_blocks, block_size, dtype=model.embed_tokens.dtype, device=self.device)
+        self.graphs = None
+        if self.device.type == "cuda":
+            # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU.
+            for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:
+                module.fuse_projections()
+        if self.device.type == "cuda" and cuda_graphs:
+            from nbllm.engine.cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-config.max_positions // block_size)
+            self.graphs = DecodeGraphs(model, self.pool, max_batch=max_graph_batch, max_blocks=max_blocks)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Run the step; returns the sequences whose pending tokens are now all computed, and their logits rows.
 
         A ready sequence gets `1 + len(seq.spec_token_ids)` consecutive rows, in batch order: the next-token
-        logits after its last token and after each of its draft tokens (one row when it has no draft).
+        logits after its last token and after each of its draft tokens (one row when it has no draft). On CUDA
+        the logits may be a view of a graph's output buffer: valid until the next `execute`.
         """
         self.pool.copy_blocks(batch.copies)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
-        logit_rows: list[int] = []
-        ready: list[Sequence] = []
-        bs = self.pool.block_size
-        for seq, n in batch.seqs:
-            start, end = seq.num_computed, seq.num_computed + n
-            draft = seq.spec_token_ids
-            ids.extend(seq.token_ids[start:end])
-            ids.extend(draft[: max(0, end - seq.num_tokens)])
-            positions.extend(range(start, end))
-            blocks = seq.table.blocks
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + n)
-            context_lens.append(end)
-            tables.append(blocks)
-            if end == seq.num_tokens + len(draft):
-                ready.append(seq)
-                logit_rows.extend(range(cu[-1] - 1 - len(draft), cu[-1]))
-        width = max(len(t) for t in tables)
-        table_tensor = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_tensor[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        inputs = prepare_inputs(batch, self.pool.block_size)
+        if self.graphs is not None and inputs.is_decode and len(inputs.ready) <= self.graphs.max_batch:
+            return inputs.ready, self.graphs.run(inputs)
         dev = self.device
-        attn = PagedAttention(
-            pool=self.pool,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=table_tensor.to(dev),
-            cu_query_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-        )
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), attn)
-        if not ready:
+
+        def put(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(dev, non_blocking=True)
+
+        if dev.type == "cuda":
+            num_splits = None
+            if inputs.is_decode:
+                from nbllm.kernels.decode_attention import default_num_splits
+
+                num_splits = default_num_splits(len(inputs.ready), self.config.num_kv_heads,
+                                                torch.cuda.get_device_properties(dev).multi_processor_count)
+            attn = TritonPagedAttention(
+                pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
+                cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens),
+                max_query_len=int(np.diff(inputs.cu_query_lens).max()), num_splits=num_splits)
+        else:
+            attn = PagedAttention(
+                pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
+                cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens))
+        hidden = self.model(put(inputs.ids), put(inputs.positions), attn)
+        if not inputs.ready:
             return [], hidden.new_empty((0, self.config.vocab_size))
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
-        return ready, logits
+        rows = inputs.logit_rows
+        if rows != list(range(hidden.shape[0])):
+            hidden = hidden[put(np.asarray(rows, dtype=np.int64))]
+        return inputs.ready, self.model.compute_logits(hidden)

@@ -1,0 +1,97 @@
+"""CUDA graphs for decode steps: one replay per step instead of a few hundred kernel launches.
+
+A decode step of a small model is launch-bound: each layer is a dozen small kernels, each a few microseconds of
+GPU work and as much of Python and driver time to launch. So, as vLLM and nano-vllm do, the whole forward plus
+the logits of a decode batch is captured once per batch size bucket (1, 2, 4, 8, then every 16 up to
+`max_batch`) over static input buffers; a step copies its inputs into the buffers of the smallest bucket that
+holds it and replays. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
+kernel writes zeros for them, so they cost a little compute and touch no real sequence.
+
+All buckets are captured together, largest first, at the first decode step, sharing one memory pool (the
+graphs never run concurrently). The decode attention's split count is fixed per bucket
+(`default_num_splits`), which is what makes one graph valid for every context length.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nbllm.kernels.decode_attention import default_num_splits
+
+if TYPE_CHECKING:
+    from nbllm.engine.model_runner import KVPool, StepInputs
+    from nbllm.models.base import CausalLM
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then multiples of 16, the last one `max_batch` itself."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    """Graph-captured decode forwards (logits included) for batch sizes up to `max_batch`."""
+
+    def __init__(self, model: CausalLM, pool: KVPool, *, max_batch: int, max_blocks: int) -> None:
+        self.model, self.pool = model, pool
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        self.sizes = bucket_sizes(max_batch)
+        dev = model.device
+        # ids, positions, slots and context lengths of a step, one row each: one host-to-device copy per step.
+        self._inputs = torch.zeros((4, max_batch), dtype=torch.long, device=dev)
+        self.ids, self.positions, self.slots, self.context_lens = self._inputs.unbind(0)
+        self.block_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=dev)
+        # Pinned host staging, so the copies are asynchronous.
+        self._host = torch.zeros((4, max_batch), dtype=torch.long).pin_memory()
+        self._host_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32).pin_memory()
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The logits `[B, vocab]` of a decode step (a view of the bucket's output buffer)."""
+        if not self._graphs:
+            self.capture()
+        batch = len(inputs.ready)
+        size = next(s for s in self.sizes if s >= batch)
+        host = self._host.numpy()
+        host[:, :size] = 0  # padding rows: token 0 at position 0, context 0...
+        host[2, batch:size] = -1  # ...and no slot
+        host[0, :batch] = inputs.ids
+        host[1, :batch] = inputs.positions
+        host[2, :batch] = inputs.slots
+        host[3, :batch] = inputs.context_lens
+        width = inputs.block_tables.shape[1]
+        self._host_tables.numpy()[:batch, :width] = inputs.block_tables
+        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        self.block_tables[:batch, :width].copy_(self._host_tables[:batch, :width], non_blocking=True)
+        self._graphs[size].replay()
+        return self._logits[size][:batch]
+
+    def capture(self) -> None:
+        from nbllm.engine.model_runner import TritonPagedAttention
+
+        sms = torch.cuda.get_device_properties(self.model.device).multi_processor_count
+        pool = None
+        torch.cuda.synchronize()
+        for size in reversed(self.sizes):
+            attn = TritonPagedAttention(
+                pool=self.pool, slot_mapping=self.slots[:size], block_tables=self.block_tables[:size],
+                cu_query_lens=None, context_lens=self.context_lens[:size],
+                num_splits=default_num_splits(size, self.pool.k[0].shape[2], sms))
+
+            def forward(size: int = size, attn: TritonPagedAttention = attn) -> torch.Tensor:
+                hidden = self.model(self.ids[:size], self.positions[:size], attn)
+                return self.model.compute_logits(hidden)
+
+            self.context_lens.zero_()  # warm-up and capture store nothing and read nothing
+            self.slots.fill_(-1)
+            forward()  # compiles the Triton kernels of this shape before capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[size] = forward()
+            pool = graph.pool() if pool is None else pool
+            self._graphs[size] = graph
+        torch.cuda.synchronize()
+
