@@ -182,8 +182,9 @@ def test_constrained_gens_match(tiny) -> None:
     assert state["code"] == direct(llm, "Code:", greedy(128, regex=r"[0-9]{3}-[a-z]{2}"))
 
 
-def test_user_errors_are_clear(tiny) -> None:
+def test_user_errors_are_clear(tiny, monkeypatch) -> None:
     llm, _ = tiny
+    monkeypatch.setattr("nbllm.lang.backend._notebook_session", lambda: None)  # no notebook in reach
     with pytest.raises(sgl.GenArgumentError, match="regex and choices"):
         sgl.gen("x", regex="a+", choices=["a"])
     with pytest.raises(sgl.GenArgumentError, match="temperature"):
@@ -223,6 +224,18 @@ def test_default_backend(tiny) -> None:
     finally:
         sgl.set_default_backend(None)
     assert state["first"] == direct(llm, "Notes on owls:", greedy(6))
+
+
+def test_notebook_session_is_the_fallback_backend(tiny_model) -> None:
+    from IPython.testing.globalipapp import start_ipython
+
+    path, _ = tiny_model("llama", "f32")
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "nbllm")
+    shell.run_line_magic("llm_model", f"{path} --device cpu")
+    session_llm = shell.magics_manager.registry["NbllmMagics"].session.llm
+    state = two_turns.run("owls", temperature=0.0)
+    assert state["first"] == direct(session_llm, "Notes on owls:", greedy(6))
 
 
 def test_error_in_one_branch_stops_the_run_cleanly(tiny) -> None:
