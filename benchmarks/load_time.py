@@ -29,11 +29,13 @@ path = default_model_path()
 t0 = time.perf_counter()
 llm = nbllm.LLM(device="cpu")
 t1 = time.perf_counter()
-model, _ = load_model(path)
+llm.generate(["Hello"], nbllm.SamplingParams(max_tokens=1))
 t2 = time.perf_counter()
-from_gguf(path)
+model, _ = load_model(path)
 t3 = time.perf_counter()
-print(json.dumps({"llm": t1 - t0, "weights": t2 - t1, "tokenizer": t3 - t2}))
+from_gguf(path)
+t4 = time.perf_counter()
+print(json.dumps({"llm": t1 - t0, "first_token": t2 - t0, "weights": t3 - t2, "tokenizer": t4 - t3}))
 """
 
 
@@ -55,6 +57,7 @@ def main() -> None:
     samples = nbllm_samples(args.repeats)
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     rows = [("nbllm LLM() (weights + tokenizer + KV pool)", med["llm"]),
+            ("  LLM() and a first generated token", med["first_token"]),
             ("  of which weights (load_model)", med["weights"]),
             ("  of which tokenizer (from_gguf)", med["tokenizer"])]
     if not args.no_peer:

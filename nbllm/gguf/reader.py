@@ -156,15 +156,17 @@ class _Cursor:
         buf, pos, end = self.buf, self.pos, self.size
         read_len = struct.Struct("<Q").unpack_from
         start = pos
+        heads: list[int] = []  # where each length prefix starts: decoding later needs no second walk
         for i in range(count):
             if pos + 8 > end:
                 raise self.fail(f"{what} declares {count} strings but the file ends after {i}")
+            heads.append(pos)
             (n,) = read_len(buf, pos)
             pos += 8 + n
         if pos > end:
             raise self.fail(f"{what} declares {count} strings but the file ends inside the last one")
         self.pos = pos
-        return LazyStrings(buf, start, pos, count)
+        return LazyStrings(buf, start, pos, heads)
 
 
 class LazyStrings(Sequence[str]):
@@ -174,19 +176,23 @@ class LazyStrings(Sequence[str]):
     is rebuilt from a cache keyed by `content_key()`), so opening a file only walks the length prefixes.
     """
 
-    def __init__(self, buf: mmap.mmap, start: int, end: int, count: int) -> None:
-        self._buf, self._start, self._end, self._count = buf, start, end, count
+    def __init__(self, buf: mmap.mmap, start: int, end: int, heads: list[int]) -> None:
+        self._buf, self._start, self._end, self._heads = buf, start, end, heads
         self._items: list[str] | None = None
 
     def _decoded(self) -> list[str]:
+        """All strings in one UTF-8 decode: each 8-byte little-endian length keeps only its top byte, NUL for
+        any real length, as a separator. A string that itself holds a NUL makes the split ambiguous: then one
+        by one."""
         if self._items is None:
-            raw, pos = self._buf[self._start : self._end], 0
-            read_len = struct.Struct("<Q").unpack_from
-            items: list[str] = []
-            for _ in range(self._count):
-                (n,) = read_len(raw, pos)
-                items.append(raw[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
-                pos += 8 + n
+            raw = np.frombuffer(self._buf, dtype=np.uint8, count=self._end - self._start, offset=self._start)
+            keep = np.ones(raw.size, dtype=bool)
+            heads = np.asarray(self._heads, dtype=np.int64) - self._start
+            keep[(heads[:, None] + np.arange(7)).ravel()] = False
+            items = raw[keep].tobytes().decode("utf-8", errors="replace").split("\x00")[1:]
+            if len(items) != len(self._heads):
+                items = [self._buf[h + 8 : h + 8 + int.from_bytes(self._buf[h : h + 8], "little")].decode("utf-8", errors="replace")
+                         for h in self._heads]
             self._items = items
         return self._items
 
@@ -195,7 +201,7 @@ class LazyStrings(Sequence[str]):
         return hashlib.sha256(self._buf[self._start : self._end]).hexdigest()
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._heads)
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._decoded()[index]
@@ -211,7 +217,7 @@ class LazyStrings(Sequence[str]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"LazyStrings({self._count} strings)"
+        return f"LazyStrings({len(self._heads)} strings)"
 
 
 class GGUFFile:

@@ -1,6 +1,6 @@
 """The tokenizer object the engine, the front-end and the constraint compiler share.
 
-Encoding runs in HF `tokenizers` (built by `build.py`); decoding is done here from per-token byte strings,
+Encoding runs in `spm.py` (SentencePiece vocabularies) or HF `tokenizers` (BPE, built by `build.py`); decoding is done here from per-token byte strings,
 because a token is a run of *bytes* (byte-fallback `<0xE2>` tokens carry a third of a character), and the
 same byte view serves full decodes, the incremental detokenizer and vocabulary scans for constrained output.
 """
@@ -8,18 +8,16 @@ same byte view serves full decodes, the incremental detokenizer and vocabulary s
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
-from tokenizers import Tokenizer as HFTokenizer
-
 from nbllm.errors import TokenizerError
 from nbllm.gguf.reader import open_gguf
-from nbllm.tokenizer.build import SPACE, load_or_build
+from nbllm.tokenizer.build import HFEncoder, load_or_build
 from nbllm.tokenizer.chat_template import ChatTemplate, builtin_template
-from nbllm.tokenizer.vocab import EOG_TEXTS, Kind, TokenType, Vocab, vocab_from_metadata
+from nbllm.tokenizer.spm import SpmEncoder
+from nbllm.tokenizer.vocab import EOG_TEXTS, SPACE, Kind, TokenType, Vocab, vocab_from_metadata
 
 
 class Tokenizer:
@@ -30,20 +28,19 @@ class Tokenizer:
     control tokens as plain text (user-defined tokens are still matched, as in llama.cpp).
     """
 
-    def __init__(self, vocab: Vocab, hf: HFTokenizer) -> None:
+    def __init__(self, vocab: Vocab, encoder: SpmEncoder | HFEncoder) -> None:
         self.vocab = vocab
-        self._hf = hf
-        self._lock = threading.Lock()  # guards the HF object's parse-special switch
+        self._encoder = encoder
         self._chat_template: ChatTemplate | None = None  # compiled on first use
         self._piece_cache: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
-        eog = {vocab.eos_id, *vocab.extra_eog_ids, *(hf.token_to_id(t) for t in EOG_TEXTS)}
+        eog = {vocab.eos_id, *vocab.extra_eog_ids, *(encoder.token_to_id(t) for t in EOG_TEXTS)}
         self.eos_token_ids: frozenset[int] = frozenset(i for i in eog if i is not None)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
         """Build from an already parsed GGUF metadata dict (e.g. the model loader's)."""
         vocab = vocab_from_metadata(metadata)
-        return cls(vocab, load_or_build(vocab))
+        return cls(vocab, SpmEncoder(vocab, list(vocab.tokens)) if vocab.kind is Kind.SPM else load_or_build(vocab))
 
     # -- properties -------------------------------------------------------------------------------------
 
@@ -83,7 +80,7 @@ class Tokenizer:
         else plain "Role: content" paragraphs (`chat_template.FALLBACK_TEMPLATE`).
         """
         if self._chat_template is None:
-            source = self.chat_template or builtin_template(lambda text: self._hf.token_to_id(text) is not None)
+            source = self.chat_template or builtin_template(lambda text: self._encoder.token_to_id(text) is not None)
             self._chat_template = ChatTemplate(source, bos_token=self.bos_token, eos_token=self.eos_token,
                                                add_bos=self.vocab.add_bos)
         return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -92,12 +89,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True, *, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the GGUF's add_bos/add_eos flags say."""
-        with self._lock:
-            self._hf.encode_special_tokens = not parse_special
-            try:
-                ids = self._hf.encode(text, add_special_tokens=False).ids
-            finally:
-                self._hf.encode_special_tokens = False
+        ids = self._encoder.encode(text, parse_special)
         if add_special_tokens:
             if self.vocab.add_bos:
                 ids.insert(0, self.vocab.bos_id)
@@ -118,7 +110,7 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry for `token_id` as stored (e.g. `▁Hello`, `<0x0A>`, `Ġworld`)."""
         self._check_id(token_id)
-        return self._hf.id_to_token(token_id)
+        return self.vocab.tokens[token_id]
 
     def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
         """The bytes `token_id` contributes to decoded text (empty for a skipped control token).

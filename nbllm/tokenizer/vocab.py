@@ -4,7 +4,7 @@ GGUF stores a tokenizer as parallel arrays (`tokenizer.ggml.tokens`, `.scores`, 
 plus a handful of ids and flags, and leaves much unsaid: which flags default to what for each tokenizer
 model and pre-tokenizer type, which tokens end a turn. llama.cpp (`src/llama-vocab.cpp`, `llama_vocab::load`)
 is the reference that every GGUF producer tests against, so this module reproduces its decisions; the HF
-`tokenizers` pipeline is then built from the result (`build.py`).
+encoders are then built from the result (`spm.py` for SentencePiece, HF `tokenizers` for BPE in `build.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class Kind(enum.Enum):
     SPM = "spm"  # SentencePiece BPE: merges ranked by piece score, byte fallback, ▁ for spaces
     BPE = "bpe"  # merges list; GPT-2 byte-level alphabet, or raw UTF-8 with ▁ (Gemma 4)
 
+
+SPACE = "\u2581"  # ▁, SentencePiece's visible space
 
 # Texts llama.cpp treats as end-of-generation whatever their declared type (llama-vocab.cpp, "special_eog_ids").
 EOG_TEXTS = (
@@ -136,6 +138,20 @@ def vocab_from_metadata(md: Mapping[str, Any]) -> Vocab:
         add_space_prefix=add_space_prefix, rstrip_specials="phi-3" in name or "phi3" in name,
         chat_template=template if isinstance(template, str) else None,
     )
+
+
+def special_tokens(vocab: Vocab, tokens: Sequence[str]) -> list[tuple[int, bool, bool]]:
+    """(id, is control/unknown, swallows whitespace after it) for every token matched whole in raw text.
+
+    Control and unknown tokens are matched only when the caller parses specials; user-defined ones always
+    (llama.cpp's `tokenizer_st_partition`). llama.cpp's Phi-3 rule: specials except <unk>, <s> and
+    <|endoftext|> swallow the whitespace after them.
+    """
+    types = vocab.token_types
+    control = (types == TokenType.CONTROL) | (types == TokenType.UNKNOWN)
+    no_rstrip = {"<unk>", "<s>", "<|endoftext|>"}
+    return [(int(i), bool(control[i]), vocab.rstrip_specials and tokens[i] not in no_rstrip)
+            for i in np.nonzero(control | (types == TokenType.USER_DEFINED))[0]]
 
 
 def _int_array(value: Any, n: int, *, default: int, key: str) -> np.ndarray:
