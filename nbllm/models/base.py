@@ -13,7 +13,8 @@ from torch import nn
 
 from nbllm.models.attention import AttentionBackend
 from nbllm.models.config import ModelConfig
-from nbllm.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_inv_freq
+from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
+from nbllm.models.quantized_linear import Int8Linear
 from nbllm.models.weights import WeightSource
 
 
@@ -60,7 +61,14 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, weights: WeightSource) -> None:
         super().__init__()
         c = self.config = config
-        self.register_buffer("embed_tokens", weights.tensor("token_embd.weight", (c.vocab_size, c.hidden_size)))
+        # The token table, built as a linear layer over it: a tied head *is* that layer, one copy of the biggest
+        # tensor. Dense, it is kept as the tensor; int8 (CPU), as the `Int8Linear`, whose `rows` embed tokens.
+        table = weights.linear("token_embd", c.vocab_size, c.hidden_size, bias=False)
+        self.embed_tokens: torch.Tensor | Int8Linear
+        if isinstance(table, Int8Linear):
+            self.embed_tokens = table
+        else:
+            self.register_buffer("embed_tokens", table.weight)
         # Rounded to the compute dtype first, as HF does (sqrt(640) in bf16 is not sqrt(640)).
         self.embed_scale = float(torch.tensor(c.embedding_multiplier).to(weights.dtype))
         global_rotary = self._rotary(weights, c.rope_theta, c.rope_scaling, global_layers=True)
@@ -72,9 +80,8 @@ class CausalLM(nn.Module):
             for i in range(c.num_layers)
         )
         self.norm = build_norm(c, weights, "output_norm.weight")
-        # A tied head is a Linear over the embedding table itself: one copy of the biggest tensor.
-        self.lm_head = (Linear(self.embed_tokens) if c.tie_word_embeddings
-                        else weights.linear("output", c.vocab_size, c.hidden_size, bias=False))
+        self.lm_head = table if c.tie_word_embeddings else weights.linear("output", c.vocab_size, c.hidden_size,
+                                                                          bias=False)
 
     def _rotary(
         self, weights: WeightSource, theta: float, scaling: dict | None, *, global_layers: bool
@@ -91,7 +98,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`."""
-        h = F.embedding(input_ids, self.embed_tokens)
+        if isinstance(self.embed_tokens, Int8Linear):
+            h = self.embed_tokens.rows(input_ids)
+        else:
+            h = F.embedding(input_ids, self.embed_tokens)
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
         for layer in self.layers:

@@ -211,7 +211,7 @@ def apply_llamacpp_numerics(model: nn.Module, embedding_type: GGMLQuantizationTy
     the file scales rope (rope scaling or `rope_freqs`), which keeps our rotary on those layers.
     """
     config = model.config
-    if model.lm_head.weight is model.embed_tokens:
+    if config.tie_word_embeddings:
         model.lm_head.round_input = activation_rounding(embedding_type)
     rotaries: dict[float, LlamaCppRotary] = {}
     for parent in list(model.modules()):

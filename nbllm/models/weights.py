@@ -5,6 +5,9 @@ maps its own names onto those (see `nbllm.loader`). Before a byte is read, the s
 exists and has the shape the model expects, so a wrong or truncated file fails with one line naming the file,
 the tensor and both shapes. Format quirks an architecture declares (`ArchSpec`) are undone here, once, as
 `fixups`: llama.cpp's permuted Llama q/k rows, HF Gemma's `w` stored for `(1 + w)` norms.
+
+With `int8=True` a source that has the quantized bytes (GGUF) builds `Int8Linear`s from them (the CPU int8 kernels,
+`nbllm.gguf.repack`); every other weight, and every weight of other sources, stays dense.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from gguf import GGMLQuantizationType
 
 from nbllm.errors import ModelLoadError
 from nbllm.models.layers import Linear
+from nbllm.gguf.repack import Int8Weight
 from nbllm.models.llamacpp_numerics import activation_rounding
+from nbllm.models.quantized_linear import Int8Linear
 
 Fixup = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -27,7 +32,8 @@ class WeightSource(ABC):
     """Tensors of one model file, by GGUF name, as `dtype` on `device`.
 
     `llamacpp_numerics`: the linears it builds round their input as llama.cpp does for each weight's stored type
-    (`nbllm.models.llamacpp_numerics`); the tensors themselves are the same either way.
+    (`nbllm.models.llamacpp_numerics`); the tensors themselves are the same either way. `int8`: build quantized
+    weights as `Int8Linear` where the source can (the caller checked the kernels run: fp32 on the CPU).
     """
 
     def __init__(
@@ -38,8 +44,10 @@ class WeightSource(ABC):
         device: torch.device,
         fixups: Fixup | None = None,
         llamacpp_numerics: bool = False,
+        int8: bool = False,
     ) -> None:
         self.path = path
+        self.int8 = int8
         self.dtype = dtype
         self.device = torch.device(device)
         self.fixups = fixups
@@ -61,6 +69,10 @@ class WeightSource(ABC):
     def _read(self, name: str) -> torch.Tensor:
         """The tensor decoded to a float dtype on the CPU, safe to keep: never a view of a read-only mapping."""
 
+    def _int8_weight(self, name: str) -> Int8Weight | None:
+        """`name` in int8 form, before fixups; None where this source has none (the default: dense only)."""
+        return None
+
     def finish(self) -> None:
         """Called once the model is built: a source may persist what it decoded (see `DequantCache`)."""
 
@@ -69,27 +81,39 @@ class WeightSource(ABC):
 
     def tensor(self, name: str, shape: tuple[int, ...], *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`name` checked against `shape`, fixed up, and converted to `dtype` (default: the model's) and device."""
-        if not self.has(name):
-            raise ModelLoadError(f"{self.path}: tensor {name!r} (expected shape {tuple(shape)}) is missing")
-        actual = tuple(self.shape(name))
-        if actual != tuple(shape):
-            raise ModelLoadError(f"{self.path}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
+        self._check(name, shape)
         t = self._read(name)
         if self.fixups is not None:
             t = self.fixups(name, t)
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
-    def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> Linear:
+    def _check(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.has(name):
+            raise ModelLoadError(f"{self.path}: tensor {name!r} (expected shape {tuple(shape)}) is missing")
+        actual = tuple(self.shape(name))
+        if actual != tuple(shape):
+            raise ModelLoadError(f"{self.path}: tensor {name!r} has shape {actual}, expected {tuple(shape)}")
+
+    def linear(
+        self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None
+    ) -> Linear | Int8Linear:
         """The linear layer `{prefix}.weight` `[out, in]` plus `{prefix}.bias` `[out]`.
 
         `bias=True` requires the bias, `False` ignores it, `None` takes it when the file has it (llama.cpp loads
         Llama's attention biases the same way: optional).
         """
-        weight = self.tensor(f"{prefix}.weight", (out_features, in_features))
+        name = f"{prefix}.weight"
         if bias is None:
             bias = self.has(f"{prefix}.bias")
-        round_input = activation_rounding(self.ggml_type(f"{prefix}.weight")) if self.llamacpp_numerics else None
-        return Linear(weight, self.tensor(f"{prefix}.bias", (out_features,)) if bias else None, round_input=round_input)
+        bias_tensor = self.tensor(f"{prefix}.bias", (out_features,)) if bias else None
+        round_input = activation_rounding(self.ggml_type(name)) if self.llamacpp_numerics else None
+        self._check(name, (out_features, in_features))
+        packed = self._int8_weight(name) if self.int8 else None
+        if packed is not None:
+            if self.fixups is not None:
+                packed = packed.map(lambda t: self.fixups(name, t))
+            return Int8Linear(packed.map(lambda t: t.contiguous()), bias_tensor, round_input=round_input)
+        return Linear(self.tensor(name, (out_features, in_features)), bias_tensor, round_input=round_input)
 
 
 def unpermute_qk_rows(num_heads: int, num_kv_heads: int) -> Fixup:

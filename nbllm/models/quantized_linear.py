@@ -1,0 +1,89 @@
+"""A linear layer whose weight stays quantized on the CPU: int8 codes + per-group fp32 scales (`Int8Weight`).
+
+Why: dense fp32 weights make CPU decode read 4 bytes a weight (Gemma 3 270M's output projection alone is 671 MB a
+token) and make batched decode run fp32 GEMMs of awkward shapes. The int8 form reads ~1.1 bytes a weight and the
+kernel (`nbllm.kernels.cpu_int8_gemm`) reuses each converted weight across the batch. It computes with exactly the
+dequantized weights (the repack is lossless), so only the fp32 summation order differs from `Linear`.
+
+Prefill-sized inputs (`DENSE_MIN_ROWS` rows or more) have enough rows per weight for MKL's fp32 GEMM to win: those
+dequantize the weight a slice at a time (a few MB, cache-sized) and call it, so no dense copy is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbllm.gguf.repack import Int8Weight
+from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear
+
+#: Input rows from which dequantize-and-GEMM beats the int8 kernel (measured on the default model's shapes).
+DENSE_MIN_ROWS = 64
+# Weights dequantized at a time on the dense path (fp32 bytes: 4x this).
+_SLICE_WEIGHTS = 1 << 21
+
+
+class Int8Linear(nn.Module):
+    """`y = x W^T + b` with `W` held as an `Int8Weight`; fp32 in, fp32 out, CPU only.
+
+    `round_input` as in `Linear` (llama.cpp-compatible activation rounding). `rows(ids)` returns the dequantized
+    weight rows: a token table (tied embeddings) looks its rows up there instead of keeping a dense copy.
+    """
+
+    def __init__(
+        self,
+        weight: Int8Weight,
+        bias: torch.Tensor | None = None,
+        *,
+        round_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("q", weight.q)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("offset", weight.offset)
+        self.register_buffer("bias", bias)
+        self.round_input = round_input
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What it computes in and returns (a token table's dtype, like a dense table's)."""
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.round_input is not None:
+            x = self.round_input(x)
+        if x.numel() >= DENSE_MIN_ROWS * x.shape[-1]:
+            y = self._dense_forward(x)
+        else:
+            y = int8_linear(x, self.q, self.scale, self.offset)
+        return y if self.bias is None else y + self.bias
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.q.shape
+        step = max(1, _SLICE_WEIGHTS // k)
+        if step >= n:
+            return F.linear(x, int8_dequantize(self.q, self.scale, self.offset))
+        y = x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            off = None if self.offset is None else self.offset[a:b]
+            y[..., a:b] = F.linear(x, int8_dequantize(self.q[a:b], self.scale[a:b], off))
+        return y
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight rows `[*ids.shape, K]` (bit-equal to the GGUF dequantizer's)."""
+        flat = ids.reshape(-1)
+        off = None if self.offset is None else self.offset.index_select(0, flat)
+        w = int8_dequantize(self.q.index_select(0, flat), self.scale.index_select(0, flat), off)
+        return w.view(*ids.shape, -1)
