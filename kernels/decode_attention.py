@@ -41,9 +41,7 @@ def _split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    first = 0
-    if window > 0:
-        first = tl.maximum(ctx - window, 0)
+    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     per_split = tl.cdiv(ctx - first, SPLITS)
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, ctx)

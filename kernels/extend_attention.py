@@ -46,9 +46,7 @@ def _extend_kernel(
 
         last = ctx - n_q + tl.minimum(tile * BLOCK_M + BLOCK_M, n_q) - 1
         hi = last + 1
-        lo = 0
-        if window > 0:
-            lo = tl.maximum(ctx - n_q + tile * BLOCK_M - window + 1, 0)
+        lo = tl.where(window > 0, tl.maximum(ctx - n_q + tile * BLOCK_M - window + 1, 0), 0)
         m_i = tl.full([BLOCK_M], -1e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

@@ -179,7 +179,7 @@ class ModelRunner:
                  cuda_graphs: bool = True, max_graph_batch: int = 256) -> None:
         self.model, self.config = model, config
         self.device = model.device
-        self.pool = KVPool(config, num_blocks, block_size, dtype=model.embed_tokens.dtype, device=self.device)
+        self.pool = KVPool(config, num_blocks, block_size, dtype=model.norm.weight.dtype, device=self.device)
         self.graphs = None
         if self.device.type == "cuda":
             # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU.

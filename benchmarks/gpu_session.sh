@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device-machine session for issue 7: install, kernel tests, same-answers tests, the throughput benchmark.
+# Logs go to $OUT (the device tool brings them back). Usage: bash benchmarks/gpu_session.sh [STAGES] [BENCH ARGS...]
+# STAGES: comma list of kernels,engine,bench (default all three).
+set -u
+stages=${1:-kernels,engine,bench}; shift || true
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } \
+  | tee "$OUT/env.log"
+if [[ $stages == *kernels* ]]; then
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py >"$OUT/kernels.log" 2>&1
+  echo "kernels rc=$?"; tail -4 "$OUT/kernels.log"
+fi
+if [[ $stages == *engine* ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py >"$OUT/engine.log" 2>&1
+  echo "engine rc=$?"; tail -6 "$OUT/engine.log"
+fi
+if [[ $stages == *bench* ]]; then
+  timeout 420 python3 benchmarks/gpu_throughput.py "$@" >"$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; tail -25 "$OUT/bench.log"
+fi

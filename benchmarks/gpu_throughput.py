@@ -1,0 +1,383 @@
+"""nbllm on one GPU beside transformers' continuous batching, on random-weight models of real shapes (issue 7).
+
+  (a) the nano-vllm workload: 256 requests, prompt and output lengths uniform in 100-1024 (seed 0, EOS ignored,
+      temperature 0.6 as nano-vllm's bench.py): output tok/s of nbllm, and of transformers' continuous batching
+      (`continuous_batching_context_manager`) on the same weights; HF runs the first `--hf-requests` requests
+      only (it needs minutes for all 256), and nbllm runs that subset too, so one row compares like with like.
+  (b) batch-1 greedy decode tok/s against the memory roofline: weight bytes / device-to-device copy bandwidth
+      measured in the same run (bytes read + written per second of a 1 GiB copy).
+  (c) prefix-cache hits: requests sharing a long system prompt, prefix caching on vs off.
+
+Models are built in code with random bf16 weights (no hub): Qwen3-0.6B (hidden 1024, intermediate 3072, 28
+layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936, tied embeddings, rope theta 1e6) and Llama-3-8B
+(hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, vocab 128,256, rope theta 5e5). The
+tokenizer is a placeholder SPM vocabulary of the same size: detokenizing costs what it costs, the text is noise.
+
+    python benchmarks/gpu_throughput.py [--only a,b,c] [--models qwen3-0.6b,llama3-8b] [--hf-requests 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from nbllm.engine.core import EngineCore, num_blocks_for
+from nbllm.engine.model_runner import gpu_kv_memory_bytes
+from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.scheduler import SchedulerConfig
+from nbllm.models.base import CausalLM
+from nbllm.models.config import ModelConfig
+from nbllm.models.registry import spec_for_hf
+from nbllm.models.weights import WeightSource
+from nbllm.tokenizer import Tokenizer
+
+HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0), rms_norm_eps=1e-6, max_position_embeddings=40960,
+        bos_token_id=1, eos_token_id=2),
+    "llama3-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=500_000.0), rms_norm_eps=1e-5, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_id=2),
+}
+MAX_MODEL_LEN = 4096
+
+
+# ---------------------------------------------------------------------------------------------- model and tokenizer
+
+def gguf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The GGUF-named tensors of a Llama/Qwen3 model of config `c`, with their shapes."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {"token_embd.weight": (c.vocab_size, c.hidden_size), "output_norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["output.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"blk.{i}"
+        shapes |= {f"{p}.attn_norm.weight": (c.hidden_size,), f"{p}.ffn_norm.weight": (c.hidden_size,),
+                   f"{p}.attn_q.weight": (q, c.hidden_size), f"{p}.attn_k.weight": (kv, c.hidden_size),
+                   f"{p}.attn_v.weight": (kv, c.hidden_size), f"{p}.attn_output.weight": (c.hidden_size, q),
+                   f"{p}.ffn_gate.weight": (c.intermediate_size, c.hidden_size),
+                   f"{p}.ffn_up.weight": (c.intermediate_size, c.hidden_size),
+                   f"{p}.ffn_down.weight": (c.hidden_size, c.intermediate_size)}
+        if c.qk_norm:
+            shapes |= {f"{p}.attn_q_norm.weight": (c.head_dim,), f"{p}.attn_k_norm.weight": (c.head_dim,)}
+    return shapes
+
+
+HF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(name: str) -> str:
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    _, layer, kind, _ = name.split(".")
+    return f"model.layers.{layer}.{HF_NAMES[kind]}.weight"
+
+
+class TensorDict(WeightSource):
+    """Weights already on the device, by GGUF name (random, or an HF model's own tensors)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(Path("<random>"), dtype=dtype, device=device)
+        self.tensors = tensors
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def ggml_type(self, name: str) -> gguf.GGMLQuantizationType:
+        return gguf.GGMLQuantizationType.BF16
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def random_tensors(c: ModelConfig, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights at scales that keep activations O(1): N(0, 1/in) matrices, unit norms, N(0, 0.02) embeddings."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in gguf_shapes(c).items():
+        if len(shape) == 1:
+            out[name] = torch.ones(shape, dtype=torch.bfloat16, device=device)
+        else:
+            std = 0.02 if name.startswith("token_embd") else shape[1] ** -0.5
+            out[name] = torch.randn(shape, generator=gen, dtype=torch.bfloat16, device=device) * std
+    return out
+
+
+def build_model(name: str, device: torch.device) -> tuple[CausalLM, ModelConfig, Any]:
+    """(nbllm model, its config, the HF model with the same weights, or None for the 8B)."""
+    hf_config = HF_CONFIGS[name]
+    config = ModelConfig.from_hf_config(hf_config, source=name)
+    hf_model = None
+    if name == "qwen3-0.6b":
+        import transformers
+
+        cfg = transformers.Qwen3Config(**{k: v for k, v in hf_config.items() if k != "architectures"})
+        with torch.device(device):
+            hf_model = transformers.Qwen3ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+        state = hf_model.state_dict()
+        tensors = random_tensors(config, device)
+        with torch.no_grad():
+            for gname, t in tensors.items():
+                state[hf_name(gname)].copy_(t)
+    else:
+        tensors = random_tensors(config, device)
+    spec = spec_for_hf(hf_config["architectures"], name)
+    model = spec.model_class(config, TensorDict(tensors, torch.bfloat16, device)).eval()
+    return model, config, hf_model
+
+
+def placeholder_tokenizer(vocab_size: int) -> Tokenizer:
+    """An SPM vocabulary of `vocab_size` pieces: control tokens, byte fallbacks, then `<extraN>` pieces."""
+    control = ["<pad>", "<s>", "</s>", "<unk>"]
+    tokens = control + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"<extra{i}>" for i in range(vocab_size - len(tokens))]
+    types = [int(gguf.TokenType.CONTROL)] * 4 + [int(gguf.TokenType.BYTE)] * 256
+    types += [int(gguf.TokenType.NORMAL)] * (vocab_size - len(types))
+    return Tokenizer.from_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.scores": [-float(i) for i in range(vocab_size)], "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2})
+
+
+def make_engine(model: CausalLM, config: ModelConfig, tokenizer: Tokenizer, *, prefix_caching: bool = True,
+                max_num_seqs: int = 256) -> EngineCore:
+    memory = gpu_kv_memory_bytes(model.device)
+    num_blocks = num_blocks_for(config, 16, torch.bfloat16, kv_cache_tokens=None, memory_bytes=memory)
+    scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384, max_model_len=MAX_MODEL_LEN,
+                                enable_prefix_caching=prefix_caching)
+    return EngineCore(model, config, tokenizer, num_blocks=num_blocks, block_size=16, scheduler_config=scheduler)
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(p.max_tokens for p in self.params)
+
+    def head(self, n: int) -> Workload:
+        return Workload(self.prompts[:n], self.params[:n])
+
+
+def nano_vllm_workload(n: int = 256) -> Workload:
+    """nano-vllm's bench.py: seed 0, prompts of uniform 100-1024 random ids < 10000, outputs uniform 100-1024."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(n)]
+    return Workload(prompts, params)
+
+
+def shared_prefix_workload(n: int = 128, prefix: int = 2048) -> Workload:
+    """`n` requests: one `prefix`-token system prompt, then 50-200 own tokens; 100-200 output tokens each."""
+    rng = random.Random(1)
+    system = [rng.randint(3, 10000) for _ in range(prefix)]
+    prompts = [system + [rng.randint(3, 10000) for _ in range(rng.randint(50, 200))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 200)) for _ in range(n)]
+    return Workload(prompts, params)
+
+
+def run_engine(engine: EngineCore, work: Workload) -> float:
+    """Seconds from queueing every request to the last token (nano-vllm's measure)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, (prompt, params) in enumerate(zip(work.prompts, work.params)):
+        engine.add_request(f"r{i}-{start}", prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_hf(hf_model: Any, work: Workload) -> float:
+    """transformers' continuous batching on the same requests (per-request max_new_tokens, EOS disabled)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=0.6, top_k=0, top_p=1.0, max_new_tokens=1024,
+                              eos_token_id=-1, pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with hf_model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+        ids = [manager.add_request(p, max_new_tokens=s.max_tokens, eos_token_id=-1)
+               for p, s in zip(work.prompts, work.params)]
+        done = 0
+        while done < len(ids):
+            result = manager.get_result(timeout=5)
+            if result is not None and result.is_finished():
+                done += 1
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching loop stopped")
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer, median of 20."""
+    src = torch.empty(1 << 29, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[5:])
+
+
+def weight_bytes(model: CausalLM) -> int:
+    """Bytes a decode step must read: every weight once (the rotary tables excluded: a step reads a row)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(("cos", "sin")) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def batch1_decode(engine: EngineCore, prompt_len: int = 128, tokens: int = 512) -> float:
+    """Greedy batch-1 decode tok/s, timed from the first generated token to the last."""
+    rng = random.Random(2)
+    engine.add_request(f"b1-{time.perf_counter()}", [rng.randint(3, 10000) for _ in range(prompt_len)],
+                       SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=tokens))
+    engine.step()  # prefill and the first token
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="a,b,c")
+    parser.add_argument("--models", default="qwen3-0.6b,llama3-8b")
+    parser.add_argument("--hf-requests", type=int, default=32)
+    parser.add_argument("--profile", default="", help="write a torch.profiler trace of 30 decode steps here")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
+    bandwidth = copy_bandwidth(device)
+    print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)")
+    rows: list[tuple[str, str, str]] = []
+    for name in args.models.split(","):
+        model, config, hf_model = build_model(name, device)
+        tokenizer = placeholder_tokenizer(config.vocab_size)
+        work = nano_vllm_workload()
+        if "a" in parts and name == "qwen3-0.6b":
+            subset = work.head(args.hf_requests)
+            try:
+                hf_s = run_hf(hf_model, subset)
+                rows.append((name, f"(a) transformers CB, {len(subset.prompts)} requests",
+                             f"{subset.output_tokens / hf_s:,.0f} tok/s ({hf_s:.1f} s)"))
+            except Exception as exc:  # a transformers version without the API must not sink the nbllm numbers
+                rows.append((name, "(a) transformers CB", f"failed: {type(exc).__name__}: {exc}"[:120]))
+            hf_model = None
+            free_memory()
+            engine = make_engine(model, config, tokenizer)
+            run_engine(engine, nano_vllm_workload(4))  # warm-up: kernels compiled, graphs captured
+            sub_s = run_engine(engine, subset)
+            rows.append((name, f"(a) nbllm, {len(subset.prompts)} requests",
+                         f"{subset.output_tokens / sub_s:,.0f} tok/s ({sub_s:.1f} s)"))
+            seconds = run_engine(engine, work)
+            stats = engine.stats()
+            rows.append((name, "(a) nbllm, 256 requests (nano-vllm workload)",
+                         f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, {stats['steps']} steps, "
+                         f"{stats['preemptions']} preemptions)"))
+            print(rows[-3:], flush=True)
+            if args.profile:
+                profile_decode(engine, args.profile)
+            del engine
+        if "b" in parts:
+            hf_model = None
+            free_memory()
+            engine = make_engine(model, config, tokenizer, max_num_seqs=8)
+            batch1_decode(engine, tokens=32)  # warm-up
+            tok_s = batch1_decode(engine)
+            roof = bandwidth / weight_bytes(model)
+            rows.append((name, "(b) batch-1 decode",
+                         f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
+                         f"({weight_bytes(model) / 1e9:.2f} GB of weights)"))
+            print(rows[-1], flush=True)
+            del engine
+        if "c" in parts and name == "qwen3-0.6b":
+            shared = shared_prefix_workload()
+            for caching in (True, False):
+                free_memory()
+                engine = make_engine(model, config, tokenizer, prefix_caching=caching)
+                run_engine(engine, nano_vllm_workload(2))
+                seconds = run_engine(engine, shared)
+                stats = engine.stats()
+                rows.append((name, f"(c) shared 2048-token prefix, 128 requests, caching {'on' if caching else 'off'}",
+                             f"{shared.output_tokens / seconds:,.0f} output tok/s ({seconds:.1f} s, "
+                             f"{stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%} prompt tokens cached)"))
+                print(rows[-1], flush=True)
+                del engine
+        del model
+        free_memory()
+    width = max(len(r[1]) for r in rows)
+    print(f"\n{'model':<11} {'measure':<{width}} result")
+    for model_name, measure, result in rows:
+        print(f"{model_name:<11} {measure:<{width}} {result}")
+
+
+def free_memory() -> None:
+    """Give the previous engine's KV pool and graph pools back before the next one sizes itself."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def profile_decode(engine: EngineCore, path: str) -> None:
+    """A torch.profiler table of 30 engine steps of a 256-request decode batch (where a step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    work = nano_vllm_workload(256)
+    for i, (prompt, params) in enumerate(zip(work.prompts, work.params)):
+        engine.add_request(f"p{i}", prompt, params)
+    for _ in range(40):  # past the prefills
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(30):
+            engine.step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    cuda_table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+    Path(path).write_text(table + "\n\n" + cuda_table)
+    for rid in list(engine.requests):
+        engine.abort(rid)
+
+
+if __name__ == "__main__":
+    main()
