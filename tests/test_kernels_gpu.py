@@ -23,12 +23,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
 
+from nbllm.kernels.activation import gated_activation, gated_activation_reference  # noqa: E402
 from nbllm.kernels.decode_attention import decode_attention  # noqa: E402
 from nbllm.kernels.extend_attention import extend_attention  # noqa: E402
 from nbllm.kernels.paged_attention import paged_attention  # noqa: E402
 from nbllm.kernels.paged_attention import store_kv as store_kv_reference  # noqa: E402
 from nbllm.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
-from nbllm.kernels.rotary import rotary_embedding, rotary_reference  # noqa: E402
+from nbllm.kernels.rotary import rotary_embedding, rotary_qk, rotary_reference  # noqa: E402
 from nbllm.kernels.store_kv import store_kv  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -151,3 +152,34 @@ def test_rotary_matches_reference(dtype) -> None:
     positions = torch.randint(0, max_pos, (tokens,), generator=gen)
     out = rotary_embedding(x.to(DEVICE), positions.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE))
     torch.testing.assert_close(out.cpu(), rotary_reference(x, positions, cos, sin), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_fused_qk_norm_rotary_matches_norm_then_rotary(dtype, norm) -> None:
+    """Qwen3's per-head q/k RMSNorm then rope, one launch, on column slices of one qkv projection output."""
+    gen = torch.Generator().manual_seed(6)
+    d, hq, hkv, tokens, max_pos = HEAD_DIM, 6, 2, 23, 300
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None]
+    cos, sin = freqs.cos(), freqs.sin()
+    qkv = (torch.randn(tokens, (hq + 2 * hkv) * d, generator=gen) * 2).to(dtype)
+    q, k = qkv[:, : hq * d].view(tokens, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
+    qw, kw = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype), (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    want_q = rms_norm_reference(q, qw, 1e-6) if norm else q
+    want_k = rms_norm_reference(k, kw, 1e-6) if norm else k
+    got_q, got_k = rotary_qk(q.to(DEVICE), k.to(DEVICE), positions.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE),
+                             q_weight=qw.to(DEVICE) if norm else None, k_weight=kw.to(DEVICE) if norm else None,
+                             eps=1e-6)
+    torch.testing.assert_close(got_q.cpu(), rotary_reference(want_q, positions, cos, sin), **tolerance(dtype))
+    torch.testing.assert_close(got_k.cpu(), rotary_reference(want_k, positions, cos, sin), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_activation_matches_reference(dtype, activation) -> None:
+    gen = torch.Generator().manual_seed(9)
+    gate_up = (torch.randn(19, 2 * 5000, generator=gen) * 3).to(dtype)
+    out = gated_activation(gate_up.to(DEVICE), activation)
+    torch.testing.assert_close(out.cpu(), gated_activation_reference(gate_up, activation), **tolerance(dtype))

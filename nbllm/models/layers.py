@@ -145,7 +145,12 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate_up = self.gate_up(x)
+            if gate_up.is_cuda:  # act(gate) * up in one Triton pass
+                from nbllm.kernels.activation import gated_activation
+
+                return self.down(gated_activation(gate_up, self.activation))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down(self.act(gate) * up)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
@@ -212,8 +217,15 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if x.is_cuda:  # per-head norms and rotary of q and k in one Triton launch
+            from nbllm.kernels.rotary import rotary_qk
+
+            norms = {} if self.q_norm is None else {
+                "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
+            q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
