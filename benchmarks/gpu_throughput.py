@@ -281,10 +281,10 @@ def batch1_decode(engine: EngineCore, prompt_len: int = 128, tokens: int = 512) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="a,b,c")
+    parser.add_argument("--only", default="a,b,c,d")
     parser.add_argument("--models", default="qwen3-0.6b,llama3-8b")
-    parser.add_argument("--hf-requests", type=int, default=32)
-    parser.add_argument("--profile", default="", help="write a torch.profiler trace of 30 decode steps here")
+    parser.add_argument("--hf-requests", type=int, default=32, help="0 skips transformers")
+    parser.add_argument("--profile", default="", help="write torch.profiler tables to PATH.<model>.batch*.txt")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     device = torch.device("cuda")
@@ -299,27 +299,31 @@ def main() -> None:
         work = nano_vllm_workload()
         if "a" in parts and name == "qwen3-0.6b":
             subset = work.head(args.hf_requests)
-            try:
-                hf_s = run_hf(hf_model, subset)
-                rows.append((name, f"(a) transformers CB, {len(subset.prompts)} requests",
-                             f"{subset.output_tokens / hf_s:,.0f} tok/s ({hf_s:.1f} s)"))
-            except Exception as exc:  # a transformers version without the API must not sink the nbllm numbers
-                rows.append((name, "(a) transformers CB", f"failed: {type(exc).__name__}: {exc}"[:120]))
+            if args.hf_requests:
+                try:
+                    hf_s = run_hf(hf_model, subset)
+                    rows.append((name, f"(a) transformers CB, {len(subset.prompts)} requests",
+                                 f"{subset.output_tokens / hf_s:,.0f} tok/s ({hf_s:.1f} s)"))
+                except Exception as exc:  # a transformers without the API must not sink the nbllm numbers
+                    rows.append((name, "(a) transformers CB", f"failed: {type(exc).__name__}: {exc}"[:120]))
             hf_model = None
             free_memory()
             engine = make_engine(model, config, tokenizer)
             run_engine(engine, nano_vllm_workload(4))  # warm-up: kernels compiled, graphs captured
-            sub_s = run_engine(engine, subset)
-            rows.append((name, f"(a) nbllm, {len(subset.prompts)} requests",
-                         f"{subset.output_tokens / sub_s:,.0f} tok/s ({sub_s:.1f} s)"))
+            if args.hf_requests:
+                sub_s = run_engine(engine, subset)
+                rows.append((name, f"(a) nbllm, {len(subset.prompts)} requests",
+                             f"{subset.output_tokens / sub_s:,.0f} tok/s ({sub_s:.1f} s)"))
+            steps_before = engine.stats()["steps"]
             seconds = run_engine(engine, work)
             stats = engine.stats()
             rows.append((name, "(a) nbllm, 256 requests (nano-vllm workload)",
-                         f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, {stats['steps']} steps, "
+                         f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, "
+                         f"{stats['steps'] - steps_before} steps, "
                          f"{stats['preemptions']} preemptions)"))
-            print(rows[-3:], flush=True)
+            print(rows[-1], flush=True)
             if args.profile:
-                profile_decode(engine, args.profile)
+                profile_decode(engine, f"{args.profile}.{name}.batch256.txt")
             del engine
         if "b" in parts:
             hf_model = None
@@ -331,8 +335,17 @@ def main() -> None:
             rows.append((name, "(b) batch-1 decode",
                          f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
                          f"({weight_bytes(model) / 1e9:.2f} GB of weights)"))
-            print(rows[-1], flush=True)
+            replay = graph_replay_seconds(engine, 1)
+            rows.append((name, "(b) batch-1 graph replay alone (the GPU's share of a step)",
+                         f"{replay * 1e3:.3f} ms = {1 / replay:,.0f} tok/s; the rest of a {1e3 / tok_s:.3f} ms step "
+                         "is host work"))
+            print(rows[-2:], flush=True)
+            if args.profile:
+                profile_batch1(engine, f"{args.profile}.{name}.batch1.txt")
             del engine
+        if "d" in parts and name == "qwen3-0.6b":
+            rows.extend((name, measure, result) for measure, result in decode_kernel_sweep(config, bandwidth))
+            print(rows[-1], flush=True)
         if "c" in parts and name == "qwen3-0.6b":
             shared = shared_prefix_workload()
             for caching in (True, False):
@@ -352,6 +365,93 @@ def main() -> None:
     print(f"\n{'model':<11} {'measure':<{width}} result")
     for model_name, measure, result in rows:
         print(f"{model_name:<11} {measure:<{width}} {result}")
+
+
+def graph_replay_seconds(engine: EngineCore, batch: int, repeats: int = 200) -> float:
+    """Median seconds of one replay of the decode graph of bucket `batch` (inputs as the last step left them)."""
+    graph = engine.runner.graphs._graphs[batch]
+    for _ in range(10):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def decode_kernel_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str, str]]:
+    """(d) The decode attention kernel alone at batch 256: achieved bandwidth of its K/V reads per launch setting."""
+    from nbllm.kernels.decode_attention import decode_attention, default_num_splits
+
+    dev = torch.device("cuda")
+    batch, ctx, block_size = 256, 1024, 16
+    hkv, hq, d = config.num_kv_heads, config.num_heads, config.head_dim
+    blocks_per_seq = ctx // block_size
+    k_cache = torch.randn((batch * blocks_per_seq, block_size, hkv, d), dtype=torch.bfloat16, device=dev)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(batch * blocks_per_seq, device=dev).view(batch, blocks_per_seq).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn((batch, hq, d), dtype=torch.bfloat16, device=dev)
+    kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+    splits = default_num_splits(batch, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
+    results = []
+    for block_n, warps, stages in ((64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3)):
+        def launch() -> None:
+            decode_attention(q, k_cache, v_cache, block_tables=tables, context_lens=lens, scale=d**-0.5,
+                             sliding_window=None, num_splits=splits, block_n=block_n, num_warps=warps,
+                             num_stages=stages)
+
+        for _ in range(3):
+            launch()
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            launch()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        t = statistics.median(times)
+        results.append((f"(d) decode attention B=256 ctx=1024, block_n={block_n} warps={warps} stages={stages}",
+                        f"{t * 1e3:.3f} ms, {kv_bytes / t / 1e9:,.0f} GB/s of K/V ({kv_bytes / t / bandwidth:.0%} of copy)"))
+    return results
+
+
+def profile_batch1(engine: EngineCore, path: str) -> None:
+    """torch.profiler tables of 50 batch-1 decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request("p1", list(range(3, 131)), SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=80))
+    for _ in range(5):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            engine.step()
+    Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+                          + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25) + "\n\n"
+                          + python_profile(engine, 20))
+    for rid in list(engine.requests):
+        engine.abort(rid)
+
+
+def python_profile(engine: EngineCore, steps: int) -> str:
+    """cProfile of `steps` engine steps: where the host's time goes (a `tolist` waits for the GPU)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
+    return text.getvalue()
 
 
 def free_memory() -> None:
@@ -374,7 +474,7 @@ def profile_decode(engine: EngineCore, path: str) -> None:
             engine.step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     cuda_table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
-    Path(path).write_text(table + "\n\n" + cuda_table)
+    Path(path).write_text(table + "\n\n" + cuda_table + "\n\n" + python_profile(engine, 20))
     for rid in list(engine.requests):
         engine.abort(rid)
 

@@ -115,12 +115,16 @@ def decode_attention(
     sliding_window: int | None,
     num_splits: int,
     out: torch.Tensor | None = None,
+    block_n: int = _BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of each sequence's single query `q: [B, Hq, D]` over its paged keys -> `[B, Hq, D]`.
 
     `block_tables: int32 [B, max_blocks]`, `context_lens: int32 [B]` (keys per sequence, this step's included;
     a padding row of a captured batch may have 0 and then gets zeros). Launches only: no host synchronisation,
-    so it can be captured in a CUDA graph. fp32 inputs use IEEE fp32 products (no tf32).
+    so it can be captured in a CUDA graph. fp32 inputs use IEEE fp32 products (no tf32). `block_n` (keys per
+    tile), `num_warps` and `num_stages` are the split kernel's launch settings (the benchmark sweeps them).
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -137,8 +141,8 @@ def decode_attention(
         q.stride(0), q.stride(1), block_tables.stride(0),
         scale, sliding_window or 0,
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=_BLOCK_N, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision,
-        num_warps=4, num_stages=2,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(batch, hq)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1),
