@@ -173,6 +173,17 @@ def _reference(prompt: str):
     return final.outputs[0]
 
 
+def _what_the_page_shows(page: Page) -> str:
+    """For a failure message: the notebook's text (a cell's traceback shows there) and a screenshot."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        return f"screenshot: {SCREENSHOT}\nthe notebook shows:\n{page.locator('.jp-Notebook').inner_text(timeout=5000)}"
+    except PlaywrightError as exc:
+        return f"(the page could not be read: {exc.message})"
+
+
 @pytest.mark.slow
 def test_llm_cell_in_jupyterlab(default_model_path: Path, page: Page, lab: Lab,
                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,11 +210,8 @@ def test_llm_cell_in_jupyterlab(default_model_path: Path, page: Page, lab: Lab,
         block_map = area.locator(".nbllm-report svg").is_visible()
         page.screenshot(path=str(SCREENSHOT), full_page=True)
     except PlaywrightError as exc:
-        try:
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        except PlaywrightError as shot:
-            exc.add_note(f"(no screenshot either: {shot.message})")
-        pytest.fail(f"{exc}\nscreenshot: {SCREENSHOT}\njupyter lab log:\n{lab.log_tail()}", pytrace=False)
+        message = f"{exc}\n{_what_the_page_shows(page)}\njupyter lab log:\n{lab.log_tail()}"
+        raise pytest.fail.Exception(message, pytrace=False) from None  # the message once, not chained twice
     with capsys.disabled():
         print(f"\nbrowser: notebook open with kernel idle {ready - start:.1f} s, cells run {done - ready:.1f} s")
 
