@@ -95,6 +95,7 @@ def test_fork_branches_run_as_one_batch(tiny) -> None:
     assert together == max(alone) < sum(alone)
     text = "Shared context for both branches. Branch:"
     assert state["out"] == [direct(llm, text, greedy(5, ignore_eos=True)), direct(llm, text, greedy(9, ignore_eos=True))]
+    assert [out.outputs[0].text for out in state.get_meta_info("out")] == state["out"]  # join gathers meta too
     assert_no_leak(llm)
 
 

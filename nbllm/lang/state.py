@@ -197,13 +197,15 @@ class ForkGroup:
 
     def join(self) -> None:
         """Wait for every branch; each name a branch set becomes, in the parent, the list of the branches'
-        values (None for a branch that did not set it) — SGLang's default `gather_variable` join."""
+        values (None for a branch that did not set it) — SGLang's default `gather_variable` join. The parent's
+        `get_meta_info(name)` is the list of the branches' meta info."""
         for branch in self._branches:
             branch.sync_all()
         names = dict.fromkeys(name for branch in self._branches for name in branch._assigned)
         self._parent.sync()
         for name in names:
             self._parent._variables[name] = [b._variables.get(name) for b in self._branches]
+            self._parent._meta[name] = [b._meta.get(name) for b in self._branches]
 
 
 def _plain_text(expr: Expr) -> str | None:
