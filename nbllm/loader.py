@@ -163,6 +163,25 @@ def load_model(
     order, a quarter of the memory, several times faster decode). None (default): when loading float32 to the CPU
     and the kernels build here (else dense, with a warning saying why); True: required; False: dense weights.
     """
+    weights, config, spec = open_weights(path, device=device, dtype=dtype, numerics=numerics, int8=int8)
+    model = spec.model_class(config, weights)
+    weights.finish()
+    if numerics == "llamacpp":
+        scaled_rope = config.rope_scaling is not None or weights.has("rope_freqs.weight")
+        apply_llamacpp_numerics(model, weights.ggml_type("token_embd.weight"), scaled_rope=scaled_rope)
+    return model.eval(), config
+
+
+def open_weights(
+    path: str | Path | GGUFFile,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    numerics: Numerics = "exact",
+    int8: bool | None = None,
+) -> tuple[WeightSource, ModelConfig, ArchSpec]:
+    """The weight source, config and architecture of a model file, before any weight is read (`load_model`'s
+    arguments); a caller that builds the model itself (a tensor-parallel shard) starts here."""
     if numerics not in ("exact", "llamacpp"):
         raise ModelLoadError(f"unknown numerics {numerics!r}: use 'exact' or 'llamacpp'")
     if numerics == "llamacpp" and dtype != torch.float32:
@@ -171,19 +190,12 @@ def load_model(
     llamacpp = numerics == "llamacpp"
     int8 = _use_int8(int8, device, dtype)
     if isinstance(path, GGUFFile):
-        weights, config, spec = _open_gguf(path, dtype, device, llamacpp, int8)
-    elif (path := Path(path)).is_dir():
-        weights, config, spec = _open_hf(path, dtype, device, llamacpp)
-    elif path.is_file():
-        weights, config, spec = _open_gguf(open_gguf(path), dtype, device, llamacpp, int8)
-    else:
-        raise ModelLoadError(f"{path}: no such file or directory")
-    model = spec.model_class(config, weights)
-    weights.finish()
-    if llamacpp:
-        scaled_rope = config.rope_scaling is not None or weights.has("rope_freqs.weight")
-        apply_llamacpp_numerics(model, weights.ggml_type("token_embd.weight"), scaled_rope=scaled_rope)
-    return model.eval(), config
+        return _open_gguf(path, dtype, device, llamacpp, int8)
+    if (path := Path(path)).is_dir():
+        return _open_hf(path, dtype, device, llamacpp)
+    if path.is_file():
+        return _open_gguf(open_gguf(path), dtype, device, llamacpp, int8)
+    raise ModelLoadError(f"{path}: no such file or directory")
 
 
 def _use_int8(requested: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
@@ -199,7 +211,7 @@ def _use_int8(requested: bool | None, device: torch.device, dtype: torch.dtype) 
     if reason is not None:
         if requested:
             raise ModelLoadError(f"int8 weights need the CPU kernels, which cannot run here: {reason}")
-        warnings.warn(f"nbllm: dense fp32 CPU weights (slower, 4x the memory): {reason}", stacklevel=3)
+        warnings.warn(f"nbllm: dense fp32 CPU weights (slower, 4x the memory): {reason}", stacklevel=4)
         return False
     return True
 

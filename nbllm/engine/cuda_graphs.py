@@ -53,7 +53,7 @@ class DecodeGraphs:
         """The logits `[B, vocab]` of a decode step (a view of the bucket's output buffer)."""
         if not self._graphs:
             self.capture()
-        batch = len(inputs.ready)
+        batch = len(inputs.context_lens)  # a decode step: one sequence per context
         size = next(s for s in self.sizes if s >= batch)
         host = self._host.numpy()
         host[:, :size] = 0  # padding rows: token 0 at position 0, context 0...

@@ -8,9 +8,10 @@ propagates, so the engine serves the next call as if nothing happened.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from nbllm.models.attention import DenseKVCache
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 from nbllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from nbllm.distributed.tensor_parallel import TensorParallelWorkers
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, Any]
@@ -65,15 +69,40 @@ class LLM:
         speculative_tokens: int = 0,
         ngram_max: int = 3,
         ngram_min: int = 1,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
     ) -> None:
+        """`tensor_parallel_size` > 1 splits every layer over that many processes (this one and spawned workers,
+        one GPU each on CUDA); `data_parallel_size` > 1 serves from that many replicas, each in its own process,
+        behind a router (`nbllm.distributed`). `close()` stops them; so does dropping the `LLM`."""
         path = Path(model) if model is not None else default_model_path()
         dev = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         self.model_path = path
-        self.model, self.config, self.tokenizer = _load(path, dev, dtype)
+        self._close = lambda: None
+        if data_parallel_size != 1:
+            from nbllm.distributed.data_parallel import DataParallelEngine
+
+            replica_args = dict(dtype=dtype, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                                enable_prefix_caching=enable_prefix_caching, seed=seed, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                speculative_tokens=speculative_tokens, ngram_max=ngram_max, ngram_min=ngram_min,
+                                tensor_parallel_size=tensor_parallel_size)
+            self.engine = DataParallelEngine(path, data_parallel_size, dev, replica_args)
+            self.model, self.config, self.tokenizer = None, self.engine.config, self.engine.tokenizer
+            self._ids = itertools.count()
+            self._close = weakref.finalize(self, self.engine.close)
+            return
+        self.model, self.config, self.tokenizer, workers = _load(path, dev, dtype, tensor_parallel_size, block_size)
+        if workers is not None:
+            self._close = weakref.finalize(self, workers.close)
         max_len = min(max_model_len or self.config.max_positions, self.config.max_positions)
         memory = _CPU_KV_BYTES if dev.type == "cpu" else int(torch.cuda.mem_get_info(dev)[0] * 0.8)
-        num_blocks = num_blocks_for(self.config, block_size, dtype, kv_cache_tokens=kv_cache_tokens, memory_bytes=memory)
+        # Sized by the model's own config: a tensor-parallel shard caches only its share of the heads.
+        num_blocks = num_blocks_for(self.model.config, block_size, dtype, kv_cache_tokens=kv_cache_tokens,
+                                    memory_bytes=memory)
+        if workers is not None:
+            num_blocks = workers.group.min_int(num_blocks)
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens or (1024 if dev.type == "cpu" else 8192),
@@ -84,7 +113,19 @@ class LLM:
         speculative = SpeculativeConfig(speculative_tokens, ngram_max, ngram_min) if speculative_tokens else None
         self.engine = EngineCore(self.model, self.config, self.tokenizer, num_blocks=num_blocks, block_size=block_size,
                                  scheduler_config=scheduler_config, seed=seed, speculative=speculative)
+        if workers is not None:
+            workers.serve(self.engine.runner)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the worker or replica processes of a parallel `LLM` (a no-op otherwise); it serves nothing after."""
+        self._close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ generation
 
@@ -225,13 +266,21 @@ class LLM:
         self.engine.reset_prefix_cache()
 
 
-def _load(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[CausalLM, ModelConfig, Tokenizer]:
-    """Model and tokenizer from one open GGUF (its header is parsed once)."""
+def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_size: int, block_size: int,
+          ) -> tuple[CausalLM, ModelConfig, Tokenizer, TensorParallelWorkers | None]:
+    """Model and tokenizer from one open GGUF (its header is parsed once); with tensor parallelism, rank 0's
+    shard and the started workers."""
     if path.is_dir():
         raise NbllmError(f"{path}: LLM() needs a GGUF file (it carries the tokenizer); load HF folders with load_model")
     file = open_gguf(path)
-    model, config = load_model(file, device=device, dtype=dtype)
-    return model, config, Tokenizer.from_metadata(file.metadata)
+    tokenizer = Tokenizer.from_metadata(file.metadata)
+    if tensor_parallel_size == 1:
+        model, config = load_model(file, device=device, dtype=dtype)
+        return model, config, tokenizer, None
+    from nbllm.distributed.tensor_parallel import start_tensor_parallel
+
+    workers, model, config = start_tensor_parallel(file, tensor_parallel_size, device, dtype, block_size)
+    return model, config, tokenizer, workers
 
 
 def _is_single_prompt(prompts: Any) -> bool:

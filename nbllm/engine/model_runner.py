@@ -11,6 +11,7 @@ replay a CUDA graph (`nbllm.engine.cuda_graphs`), so a decode step is a handful 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,12 +126,12 @@ class StepInputs:
     context_lens: np.ndarray  # [B] int32
     block_tables: np.ndarray  # [B, max_blocks] int32
     logit_rows: list[int]  # rows of the hidden states whose logits the caller needs
-    ready: list[Sequence]
+    ready: list[Sequence]  # empty on tensor-parallel workers, which see the arrays only
 
     @property
     def is_decode(self) -> bool:
         """Every sequence computes exactly one token and needs its logits."""
-        return len(self.ids) == len(self.context_lens) == len(self.ready)
+        return len(self.ids) == len(self.context_lens) == len(self.logit_rows)
 
 
 def prepare_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
@@ -179,7 +180,11 @@ class ModelRunner:
                  cuda_graphs: bool = True, max_graph_batch: int = 256) -> None:
         self.model, self.config = model, config
         self.device = model.device
-        self.pool = KVPool(config, num_blocks, block_size, dtype=model.norm.weight.dtype, device=self.device)
+        # The model's own config: a tensor-parallel shard holds (and caches K/V for) only its share of the heads.
+        self.pool = KVPool(model.config, num_blocks, block_size, dtype=model.norm.weight.dtype, device=self.device)
+        #: Set on rank 0 of a tensor-parallel group: sends each step's copies and inputs to the other ranks before
+        #: this rank runs it (`nbllm.distributed`), so every rank runs `run` with the same arguments.
+        self.broadcast: Callable[[list[tuple[int, int]], StepInputs], None] | None = None
         self.graphs = None
         if self.device.type == "cuda":
             # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU.
@@ -199,10 +204,17 @@ class ModelRunner:
         logits after its last token and after each of its draft tokens (one row when it has no draft). On CUDA
         the logits may be a view of a graph's output buffer: valid until the next `execute`.
         """
-        self.pool.copy_blocks(batch.copies)
         inputs = prepare_inputs(batch, self.pool.block_size)
-        if self.graphs is not None and inputs.is_decode and len(inputs.ready) <= self.graphs.max_batch:
-            return inputs.ready, self.graphs.run(inputs)
+        if self.broadcast is not None:
+            self.broadcast(batch.copies, inputs)
+        return inputs.ready, self.run(batch.copies, inputs)
+
+    @torch.inference_mode()
+    def run(self, copies: list[tuple[int, int]], inputs: StepInputs) -> torch.Tensor:
+        """Copy-on-write `copies`, then the forward of `inputs`: the logits of its `logit_rows` (`execute`)."""
+        self.pool.copy_blocks(copies)
+        if self.graphs is not None and inputs.is_decode and len(inputs.logit_rows) <= self.graphs.max_batch:
+            return self.graphs.run(inputs)
         dev = self.device
 
         def put(array: np.ndarray) -> torch.Tensor:
@@ -213,7 +225,7 @@ class ModelRunner:
             if inputs.is_decode:
                 from nbllm.kernels.decode_attention import default_num_splits
 
-                num_splits = default_num_splits(len(inputs.ready), self.config.num_kv_heads,
+                num_splits = default_num_splits(len(inputs.logit_rows), self.model.config.num_kv_heads,
                                                 torch.cuda.get_device_properties(dev).multi_processor_count)
             attn = TritonPagedAttention(
                 pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
@@ -224,9 +236,9 @@ class ModelRunner:
                 pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
                 cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens))
         hidden = self.model(put(inputs.ids), put(inputs.positions), attn)
-        if not inputs.ready:
-            return [], hidden.new_empty((0, self.config.vocab_size))
         rows = inputs.logit_rows
+        if not rows:
+            return hidden.new_empty((0, self.config.vocab_size))
         if rows != list(range(hidden.shape[0])):
             hidden = hidden[put(np.asarray(rows, dtype=np.int64))]
-        return inputs.ready, self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden)

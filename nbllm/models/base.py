@@ -98,15 +98,18 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`."""
-        if isinstance(self.embed_tokens, Int8Linear):
-            h = self.embed_tokens.rows(input_ids)
-        else:
-            h = F.embedding(input_ids, self.embed_tokens)
+        h = self.embed(input_ids)
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
         for layer in self.layers:
             h = layer(h, positions, attn)
         return self.norm(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token table rows `[T, H]`, unscaled (tensor parallelism overrides this with a vocab-parallel lookup)."""
+        if isinstance(self.embed_tokens, Int8Linear):
+            return self.embed_tokens.rows(input_ids)
+        return F.embedding(input_ids, self.embed_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits `[N, vocab]` for the rows of `hidden` the caller wants (usually each sequence's last)."""

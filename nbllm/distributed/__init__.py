@@ -1,0 +1,12 @@
+"""Serving one model from several processes: tensor parallel (each rank holds a slice of every layer) and data
+parallel (each replica holds the whole model and serves its own requests).
+
+The engine (scheduler, block manager, radix cache) stays in one process: rank 0 of a tensor-parallel group
+broadcasts each step's batch, every rank runs its shard over its own KV pool and the ranks all-reduce twice a
+layer (`group`, `layers`, `sharding`, `workers`). A data-parallel front-end routes each request to the replica
+that holds its longest cached prefix, else to the least loaded one (`router`, `data_parallel`).
+"""
+
+from nbllm.distributed.errors import ParallelConfigError, WorkerError
+
+__all__ = ["ParallelConfigError", "WorkerError"]
