@@ -254,6 +254,22 @@ def test_error_in_one_branch_stops_the_run_cleanly(tiny) -> None:
     assert_no_leak(llm)
 
 
+def test_a_program_that_raises_leaves_no_branch_running(tiny) -> None:
+    llm, _ = tiny
+
+    @sgl.function
+    def prog(s):
+        forks = s.fork(2)
+        forks[0] += "x" + sgl.gen("a", max_tokens=2, ignore_eos=True)
+        forks[1] += "x" + sgl.gen("a", max_tokens=50, ignore_eos=True)
+        forks[0]["a"]  # the other branch is in the engine now
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        prog.run(llm=llm, temperature=0.0)
+    assert_no_leak(llm)
+
+
 def test_interrupt_aborts_and_the_next_run_works(tiny) -> None:
     llm, _ = tiny
     with interrupt_at_step(llm.engine, 3), pytest.raises(KeyboardInterrupt):

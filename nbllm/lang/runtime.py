@@ -136,14 +136,15 @@ class Runtime:
 
     def drive(self, roots: Sequence[Slot]) -> None:
         """Serve requests until every root slot is filled. Whatever ends this (done, an error, an interrupt),
-        the run's engine requests are aborted and waiting threads released."""
+        requests still open are aborted and their waiting threads released (a program that raised may leave
+        branches behind)."""
         engine = self.llm.engine
         try:
             with self.lock:
                 while True:
                     self.lock.wait_for(lambda: self._busy == 0)
                     if all(r.done for r in roots):
-                        return
+                        break
                     if not (self._requests or self._in_flight):
                         raise LangError("every program thread is waiting but nothing was asked of the engine; "
                                         "a program waits on itself (report this with the program)")
@@ -151,6 +152,7 @@ class Runtime:
         except BaseException as exc:
             self._cancel(exc)
             raise
+        self._cancel(LangError("the program ended"))
 
     def _serve(self, engine: Any) -> None:
         """Under the lock: queue the new generations, answer scorings, then one engine step."""
