@@ -79,6 +79,7 @@ class LLM:
         dev = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         self.model_path = path
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
         self._close = lambda: None
         if data_parallel_size != 1:
             from nbllm.distributed.data_parallel import DataParallelEngine
@@ -189,6 +190,8 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """The `beam_width` best continuations of each prompt (vLLM's `LLM.beam_search` output shape), with beams
         sharing KV blocks; see `nbllm.engine.beam_search`. Needs an engine with no other requests running."""
+        if self.data_parallel_size != 1:
+            raise NbllmError("beam_search runs on one engine; use an LLM with data_parallel_size=1")
         prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
         encoded = [self._encode(p) for p in prompt_list]
         search = BeamSearch(self.engine, encoded, beam_width, max_tokens, length_penalty=length_penalty,
@@ -204,6 +207,8 @@ class LLM:
         dense forward beside the paged engine, so it neither reads nor fills the prefix cache: meant for short
         texts, and for a caller that does not step the engine at the same time (the engine is single-threaded).
         """
+        if self.tensor_parallel_size != 1 or self.data_parallel_size != 1:
+            raise NbllmError("token_logprobs runs the model in this process only; use an LLM without parallelism")
         seqs = [[int(t) for t in ids] for ids in sequences]
         if len(seqs) != len(starts) or any(not 1 <= s <= len(ids) for ids, s in zip(seqs, starts)):
             raise NbllmError("token_logprobs needs one start per sequence, each in [1, len(sequence)]")
