@@ -394,12 +394,14 @@ def decode_kernel_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str
     k_cache = torch.randn((batch * blocks_per_seq, block_size, hkv, d), dtype=torch.bfloat16, device=dev)
     v_cache = torch.randn_like(k_cache)
     tables = torch.randperm(batch * blocks_per_seq, device=dev).view(batch, blocks_per_seq).int()
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    # The nano-vllm workload's mix: prompt 100-1024 plus what was generated so far.
+    lens = torch.randint(100, ctx + 1, (batch,), dtype=torch.int32, device=dev)
     q = torch.randn((batch, hq, d), dtype=torch.bfloat16, device=dev)
-    kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
-    splits = default_num_splits(batch, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
+    kv_bytes = 2 * int(lens.sum()) * hkv * d * k_cache.element_size()
+    default = default_num_splits(batch, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
     results = []
-    for block_n, warps, stages in ((64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3)):
+    for splits, block_n, warps, stages in ((default, 64, 4, 2), (1, 64, 4, 2), (2, 64, 4, 2), (8, 64, 4, 2),
+                                           (default, 32, 4, 2), (default, 128, 4, 2), (default, 64, 8, 2)):
         def launch() -> None:
             decode_attention(q, k_cache, v_cache, block_tables=tables, context_lens=lens, scale=d**-0.5,
                              sliding_window=None, num_splits=splits, block_n=block_n, num_warps=warps,
@@ -416,7 +418,7 @@ def decode_kernel_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         t = statistics.median(times)
-        results.append((f"(d) decode attention B=256 ctx=1024, block_n={block_n} warps={warps} stages={stages}",
+        results.append((f"(d) decode attention B=256 ctx 100-1024, splits={splits} block_n={block_n} warps={warps}",
                         f"{t * 1e3:.3f} ms, {kv_bytes / t / 1e9:,.0f} GB/s of K/V ({kv_bytes / t / bandwidth:.0%} of copy)"))
     return results
 

@@ -9,7 +9,8 @@ keys once for the whole query group that shares it (the G = Hq / Hkv query heads
 and a long context is cut into `num_splits` slices attended by separate programs (flash-decoding), whose partial
 results (output and log-sum-exp) a second kernel merges. Without splits a batch-1 decode would run Hkv programs
 on a 132-SM chip. `num_splits` is a launch constant, not derived from the context lengths, so a CUDA graph
-captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's keys.
+captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's keys,
+rounded up to whole tiles (so a short sequence leaves its last splits empty; the merge gives those no weight).
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ _BLOCK_N = 64  # keys per tile: four 16-token blocks
 
 
 def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """Enough splits that `batch * Hkv * splits` programs fill the chip about twice, at most 16."""
-    return max(1, min(16, -(-2 * num_sms // (batch * num_kv_heads))))
+    """Up to 16 splits while `batch * Hkv * splits` programs are under 16 per SM, and at least 4.
+
+    A split never takes fewer than `_BLOCK_N` keys (the kernel leaves the rest of a short sequence's splits
+    empty), so a large count costs short contexts little, and it keeps a batch of mixed lengths balanced: with
+    one split per sequence the longest sequences of a 256-batch run alone at the end.
+    """
+    return max(4, min(16, -(-16 * num_sms // (batch * num_kv_heads))))
 
 
 @triton.jit
@@ -42,7 +48,8 @@ def _split_kernel(
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    per_split = tl.cdiv(ctx - first, SPLITS)
+    # Whole tiles per split, at least one: a short sequence fills its first splits and leaves the rest empty.
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(ctx - first, SPLITS), BLOCK_N), 1) * BLOCK_N
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, ctx)
 

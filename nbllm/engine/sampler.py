@@ -80,11 +80,18 @@ class SamplingBatch:
                 add_ids.append(ids)
                 add_vals.append(p.frequency_penalty * counts.float() + p.presence_penalty)
 
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            host = torch.tensor(values, dtype=dtype)
+            if torch.device(device).type != "cuda":
+                return host.to(device)
+            # Pinned and asynchronous: a pageable copy would wait for the step's forward to finish first.
+            return host.pin_memory().to(device, non_blocking=True)
+
         def long(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+            return to_device(values, torch.long)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32)
 
         def cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
             return torch.cat(parts).to(device) if parts else torch.empty(0, dtype=dtype, device=device)
