@@ -183,6 +183,33 @@ def test_constrained_gens_match(tiny) -> None:
     assert state["code"] == direct(llm, "Code:", greedy(128, regex=r"[0-9]{3}-[a-z]{2}"))
 
 
+def test_roles_write_what_chat_sends(tiny) -> None:
+    """The tiny vocabulary has no turn markers, so the fallback "Role: content" template applies (a template
+    with a system turn of its own; Gemma's folded system turn is checked on the default model)."""
+    llm, _ = tiny
+
+    @sgl.function
+    def chat(s):
+        s += sgl.system("Be brief.")
+        s += sgl.user("Hello " + "there")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=6))
+        s += sgl.user("Again?")
+        s += sgl.assistant(sgl.gen("again", max_tokens=4))
+
+    state = chat.run(llm=llm, temperature=0.0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    (first,) = llm.chat(messages, greedy(6))
+    assert state["reply"] == first.outputs[0].text
+    messages += [{"role": "assistant", "content": state["reply"]}, {"role": "user", "content": "Again?"}]
+    assert state.messages() == [*messages, {"role": "assistant", "content": state["again"]}]
+    # The second reply continues the program's own text (which opens each reply as a generation prompt does).
+    text = state.text()
+    assert text.endswith(state["again"] + "\n\n")
+    before = text[: len(text) - len(state["again"] + "\n\n")]
+    assert before.endswith("User: Again?\n\nAssistant:")
+    assert state["again"] == direct(llm, before, greedy(4))
+
+
 def test_user_errors_are_clear(tiny, monkeypatch) -> None:
     llm, _ = tiny
     monkeypatch.setattr("nbllm.lang.backend._notebook_session", lambda: None)  # no notebook in reach

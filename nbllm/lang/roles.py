@@ -36,7 +36,10 @@ class Conversation:
     tokenizer: Tokenizer
     messages: list[dict[str, str]] = field(default_factory=list)
 
-    def turn(self, role: str) -> Turn:
+    def turn(self, role: str, *, generated: bool = False) -> Turn:
+        """How to write the next `role` turn. A `generated` assistant turn opens as the template's generation
+        prompt does (what `llm.chat` sends) when that is where the rendered opening starts: "Assistant:" rather
+        than "Assistant: ", since the model writes its own leading space."""
         base = self._render(self.messages)
         full = self._render([*self.messages, {"role": role, "content": _PLACEHOLDER}])
         if _PLACEHOLDER not in full:
@@ -45,6 +48,10 @@ class Conversation:
         if not head.startswith(base):
             raise LangError(f"the chat template does not render turns append-only, so a {role} turn cannot be "
                             "added to the text; build the prompt with llm.chat_prompt_ids instead")
+        if generated and role == "assistant":
+            prompt = self._render(self.messages, add_generation_prompt=True)
+            if prompt.startswith(base) and head.startswith(prompt):
+                head = prompt
         return Turn(head[len(base):], tail, folded=False)
 
     def add(self, role: str, content: str) -> None:
@@ -53,8 +60,10 @@ class Conversation:
     def copy(self) -> Conversation:
         return Conversation(self.tokenizer, [dict(m) for m in self.messages])
 
-    def _render(self, messages: Sequence[Mapping[str, str]]) -> str:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False) if messages else ""
+    def _render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> str:
+        if not messages and not add_generation_prompt:
+            return ""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         bos = self.tokenizer.bos_token
         # The engine adds BOS when it encodes the program's text; the template's own would be a second one.
         return text[len(bos):] if bos and text.startswith(bos) else text

@@ -155,9 +155,9 @@ class ProgramState:
             self._assigned.append(name)
 
     def _run_role(self, expr: Role) -> None:
-        turn = self._conversation.turn(expr.role)
+        content = _plain_text(expr.body)
+        turn = self._conversation.turn(expr.role, generated=content is None)
         if turn.folded:  # the template writes this content into the next turn (e.g. Gemma's system prompt)
-            content = _plain_text(expr.body)
             if content is None:
                 raise GenArgumentError(f"this model's chat template folds a {expr.role} turn into the next one, "
                                        f"so its content must be plain text, not gen/select")
