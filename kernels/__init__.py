@@ -1,1 +1,2 @@
-"""Triton GPU kernels with their torch references (installed as nbllm.kernels)."""
+"""Kernels (installed as nbllm.kernels): Triton GPU kernels with their torch references, and CPU C++ kernels
+built on first use (`cpu_int8_gemm`)."""
