@@ -7,8 +7,12 @@ python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[dev]"
 # The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright: Playwright's own browser
 # download needs the internet, the distribution's package does not.
-if [ ! -x /usr/bin/chromium ]; then
+# The CPU int8 kernels (kernels/cpu_int8_gemm.cpp) are compiled on first use with g++.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v g++ >/dev/null || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
     apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
     [ "$(id -u)" -eq 0 ] || apt=(sudo "${apt[@]}")
-    "${apt[@]}" install -y -q chromium || { "${apt[@]}" update -q && "${apt[@]}" install -y -q chromium; }
+    "${apt[@]}" install -y -q "${missing[@]}" || { "${apt[@]}" update -q && "${apt[@]}" install -y -q "${missing[@]}"; }
 fi
