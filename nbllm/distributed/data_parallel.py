@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nbllm.distributed.errors import ParallelConfigError, WorkerError
+from nbllm.distributed.interrupts import ignore_interrupts, interrupts_deferred
 from nbllm.distributed.router import PrefixRouter
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
@@ -173,13 +174,15 @@ class DataParallelEngine:
 
     def _send(self, replica: int, message: tuple) -> None:
         try:
-            self._conns[replica].send(message)
+            with interrupts_deferred():  # never half a message in the pipe
+                self._conns[replica].send(message)
         except OSError:
             raise self._failed(replica) from None
 
     def _recv(self, replica: int) -> tuple:
         try:
-            message = self._conns[replica].recv()
+            with interrupts_deferred():
+                message = self._conns[replica].recv()
         except (EOFError, OSError):
             raise self._failed(replica) from None
         if message[0] == "fatal":
@@ -205,6 +208,7 @@ def _replica_main(path: str, device: str, args: dict[str, Any], threads: int, co
     from nbllm.errors import NbllmError
 
     try:
+        ignore_interrupts()
         torch.set_num_threads(threads)
         with LLM(path, device=device, **args) as llm:
             engine = llm.engine

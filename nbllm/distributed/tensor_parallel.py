@@ -16,6 +16,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch.multiprocessing as mp
 
 from nbllm.distributed.errors import ParallelConfigError, WorkerError
 from nbllm.distributed.group import JOIN_TIMEOUT, TensorParallelGroup, connect_store, create_store
+from nbllm.distributed.interrupts import ignore_interrupts, interrupts_deferred
 from nbllm.distributed.loading import load_shard
 from nbllm.distributed.sharding import check_tensor_parallel
 from nbllm.engine.model_runner import KVPool, ModelRunner, StepInputs, gpu_kv_memory_bytes
@@ -78,11 +81,15 @@ class TensorParallelWorkers:
     def serve(self, runner: ModelRunner) -> None:
         """From now on `runner` (rank 0's) sends every step to the workers before running it."""
         runner.graphs = None  # decode graphs do not capture the collectives yet: tensor-parallel runs eagerly
-        runner.broadcast = self._send_step
+        runner.step_broadcast = self._step
         self._serving = True
 
-    def _send_step(self, copies: list[tuple[int, int]], inputs: StepInputs) -> None:
-        self.group.broadcast_object((copies, replace(inputs, ready=[])))
+    @contextmanager
+    def _step(self, copies: list[tuple[int, int]], inputs: StepInputs) -> Iterator[None]:
+        """Send the step to the workers; rank 0 runs it inside, uninterrupted (`interrupts_deferred`)."""
+        with interrupts_deferred():
+            self.group.broadcast_object((copies, replace(inputs, ready=[])))
+            yield
 
     def _await_workers(self) -> None:
         """Wait until every worker process reached the store, failing fast if one dies on the way."""
@@ -130,6 +137,7 @@ class TensorParallelWorkers:
 def _worker_main(spec: ShardSpec, rank: int, port: int, errors) -> None:
     """A worker rank: join the group, load the shard, agree on the KV pool size, then run steps until told to stop."""
     try:
+        ignore_interrupts()
         torch.set_num_threads(spec.threads)
         store = connect_store(port, spec.size)
         store.set(f"up{rank}", "1")
