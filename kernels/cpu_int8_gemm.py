@@ -46,18 +46,21 @@ def _library() -> ctypes.CDLL | str:
     key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = _build_dir() / f"cpu_int8_gemm-{key}.so"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
         compiler = os.environ.get("CXX", "g++")
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            try:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
                 r = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
-            except OSError as exc:
-                return f"cannot run the C++ compiler {compiler!r}: {exc}"
-            if r.returncode != 0:
-                return f"{compiler} failed to build {_SOURCE.name}: {r.stderr.strip().splitlines()[-1:]}"
-            os.replace(built, target)
-    lib = ctypes.CDLL(str(target))
+                if r.returncode != 0:
+                    return f"{compiler} failed to build {_SOURCE.name}: {r.stderr.strip().splitlines()[-1:]}"
+                os.replace(built, target)
+        except OSError as exc:  # no compiler, or an unwritable cache folder
+            return f"cannot build {_SOURCE.name} with {compiler!r} into {target.parent}: {exc}"
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return f"cannot load {target}: {exc}"
     lib.nbllm_int8_gemm.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
     lib.nbllm_int8_gemm.restype = None
     lib.nbllm_int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int]

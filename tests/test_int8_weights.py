@@ -124,6 +124,18 @@ def test_int8_needs_cpu_float32(tiny_model) -> None:
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
+def test_without_kernels_the_model_stays_dense_with_a_warning(tiny_model, monkeypatch) -> None:
+    import nbllm.loader
+
+    path, _ = tiny_model("llama", "q8_0")
+    monkeypatch.setattr(nbllm.loader, "unavailable_reason", lambda: "the CPU lacks AVX2")
+    with pytest.warns(UserWarning, match="dense fp32 CPU weights.*AVX2"):
+        model, _ = load_model(path)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    with pytest.raises(ModelLoadError, match="cannot run here: the CPU lacks AVX2"):
+        load_model(path, int8=True)
+
+
 def test_repack_cache_is_reused_and_rebuilt_when_the_file_changes(tiny_model, tmp_path, monkeypatch) -> None:
     import nbllm.loader
 
