@@ -297,6 +297,22 @@ def test_a_program_that_raises_leaves_no_branch_running(tiny) -> None:
     assert_no_leak(llm)
 
 
+def test_select_on_a_text_longer_than_the_context_is_a_clear_error(tiny) -> None:
+    llm, _ = tiny
+
+    @sgl.function
+    def prog(s):
+        forks = s.fork(2)
+        forks[0] += "short" + sgl.select("pick", ["a", "b"])
+        forks[1] += "x" * 10_000 + sgl.select("pick", ["a", "b"])
+        assert forks[0]["pick"] in ("a", "b")  # scored in the same step as the failing one, answered all the same
+        forks.join()
+
+    with pytest.raises(NbllmError, match="context holds"):
+        prog.run(llm=llm)
+    assert_no_leak(llm)
+
+
 def test_interrupt_aborts_and_the_next_run_works(tiny) -> None:
     llm, _ = tiny
     with interrupt_at_step(llm.engine, 3), pytest.raises(KeyboardInterrupt):

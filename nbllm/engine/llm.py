@@ -17,7 +17,7 @@ import torch
 
 from nbllm.defaults import default_model_path
 from nbllm.engine.beam_search import BeamSearch, BeamSearchOutput
-from nbllm.engine.core import EngineCore, num_blocks_for
+from nbllm.engine.core import EngineCore, PromptTooLongError, num_blocks_for
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import SchedulerConfig
@@ -212,9 +212,13 @@ class LLM:
         seqs = [[int(t) for t in ids] for ids in sequences]
         if len(seqs) != len(starts) or any(not 1 <= s <= len(ids) for ids, s in zip(seqs, starts)):
             raise NbllmError("token_logprobs needs one start per sequence, each in [1, len(sequence)]")
-        vocab = self.config.vocab_size
+        vocab, limit = self.config.vocab_size, self.engine.scheduler.config.max_model_len
         if any(not 0 <= t < vocab for ids in seqs for t in ids):
             raise NbllmError(f"token ids must be in [0, {vocab}); got an id outside that range")
+        if any(len(ids) > limit for ids in seqs):
+            longest = max(len(ids) for ids in seqs)
+            raise PromptTooLongError(f"a sequence to score has {longest} tokens but the context holds {limit}; "
+                                     "shorten the text")
         if not seqs:
             return []
         cache = DenseKVCache()

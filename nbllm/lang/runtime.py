@@ -23,10 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nbllm.engine.core import EngineCore
 from nbllm.engine.llm import LLM
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.lang.errors import LangError, ProgramCancelled
+from nbllm.tokenizer import Tokenizer
 
 _run_ids = itertools.count()
 
@@ -104,10 +106,6 @@ class Runtime:
                 self.lock.wait_for(lambda: slot.done)
         return slot.result()
 
-    def fill(self, slot: Slot, value: Any = None) -> None:
-        with self.lock:
-            self._fill(slot, value, None)
-
     def _fill(self, slot: Slot, value: Any, error: BaseException | None) -> None:
         """Under the lock: fill `slot`, and count its waiter as busy again before anyone else looks."""
         if slot.done:
@@ -122,7 +120,7 @@ class Runtime:
         return self.wait(self._submit(_Generate(Slot(), text, params)))
 
     def score(self, text: str, choices: list[str]) -> list[float]:
-        """Each choice's mean token log-probability after `text` (see `choice_scores`)."""
+        """Each choice's mean token log-probability after `text` (see `choice_tokens`)."""
         return self.wait(self._submit(_Score(Slot(), text, choices)))
 
     def _submit(self, request: _Generate | _Score) -> Slot:
@@ -154,19 +152,22 @@ class Runtime:
             raise
         self._cancel(LangError("the program ended"))
 
-    def _serve(self, engine: Any) -> None:
-        """Under the lock: queue the new generations, answer scorings, then one engine step."""
+    def _serve(self, engine: EngineCore) -> None:
+        """Under the lock: queue the new generations, answer all scorings in one forward, then one engine step."""
         requests, self._requests = self._requests, []
+        scorings = [r for r in requests if isinstance(r, _Score)]
         for request in requests:
-            if isinstance(request, _Score):
-                self._answer(request.slot, lambda r=request: choice_scores(self.llm, r.text, r.choices))
-            else:
+            if isinstance(request, _Generate):
                 request_id = f"{self._prefix}{next(self._ids)}"
-                prompt_ids = self.llm.tokenizer.encode(request.text)
-                added = self._answer(request.slot, lambda r=request, i=request_id, p=prompt_ids:
-                                     engine.add_request(i, p, r.params, prompt=r.text), keep_value=False)
-                if added:
+                try:
+                    engine.add_request(request_id, self.llm.tokenizer.encode(request.text), request.params,
+                                       prompt=request.text)
+                except Exception as exc:  # a user error (bad schema, prompt too long) goes to the asking thread
+                    self._fill(request.slot, None, exc)
+                else:
                     self._in_flight[request_id] = request.slot
+        if scorings:
+            self._answer_scorings(scorings)
         if self._in_flight and engine.has_unfinished():
             for out in engine.step():
                 slot = self._in_flight.get(out.request_id)
@@ -174,16 +175,27 @@ class Runtime:
                     del self._in_flight[out.request_id]
                     self._fill(slot, out, None)
 
-    def _answer(self, slot: Slot, compute: Callable[[], Any], keep_value: bool = True) -> bool:
-        """Run `compute`; a user error (bad schema, prompt too long) goes to the asking thread, not the driver."""
+    def _answer_scorings(self, scorings: list[_Score]) -> None:
+        """Every pending `select` of the run (the branches of a fork, say) scored in one batched forward."""
+        sequences, starts, counts = [], [], []
+        for request in scorings:
+            seqs, firsts = choice_tokens(self.llm.tokenizer, request.text, request.choices)
+            sequences += seqs
+            starts += firsts
+            counts.append(len(seqs))
         try:
-            value = compute()
-        except Exception as exc:
-            self._fill(slot, None, exc)
-            return False
-        if keep_value:
-            self._fill(slot, value, None)
-        return True
+            logprobs = self.llm.token_logprobs(sequences, starts)
+        except Exception as exc:  # e.g. a text longer than the model's context
+            if len(scorings) == 1:
+                self._fill(scorings[0].slot, None, exc)
+            else:  # one at a time: only the asker at fault gets the error
+                for request in scorings:
+                    self._answer_scorings([request])
+            return
+        at = 0
+        for request, count in zip(scorings, counts):
+            self._fill(request.slot, [sum(lp) / len(lp) for lp in logprobs[at : at + count]], None)
+            at += count
 
     def _cancel(self, reason: BaseException) -> None:
         with self.lock:
@@ -197,14 +209,10 @@ class Runtime:
             self._requests.clear()
 
 
-def choice_scores(llm: LLM, text: str, choices: list[str]) -> list[float]:
-    """SGLang's default `select` score: the mean log-probability of a choice's tokens after `text`.
-
-    The choice's tokens are those of `text + choice` past the longest common prefix with `text`'s tokens, so a
-    choice that merges with the end of the text (" Paris" after "is") is scored on the tokens the model would
-    really see.
-    """
-    tokenizer = llm.tokenizer
+def choice_tokens(tokenizer: Tokenizer, text: str, choices: list[str]) -> tuple[list[list[int]], list[int]]:
+    """The token ids of `text + choice` for each choice, and where the choice's own tokens start: past the
+    longest common prefix with `text`'s tokens, so a choice that merges with the end of the text is scored on
+    the tokens the model would really see. SGLang's default `select` score is their mean log-probability."""
     prefix = tokenizer.encode(text)
     sequences, starts = [], []
     for choice in choices:
@@ -214,4 +222,4 @@ def choice_scores(llm: LLM, text: str, choices: list[str]) -> list[float]:
             common += 1
         sequences.append(ids)
         starts.append(max(1, min(common, len(ids) - 1)))
-    return [sum(lp) / len(lp) for lp in llm.token_logprobs(sequences, starts)]
+    return sequences, starts
