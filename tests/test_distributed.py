@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 
 import pytest
 import torch
@@ -82,6 +83,24 @@ def test_tensor_parallel_worker_death_is_a_clear_error(tiny_model):
     assert not _children() - before
 
 
+@pytest.mark.slow
+def test_tensor_parallel_interrupt_mid_generation_leaves_a_working_engine(tiny_model):
+    """A real SIGINT at an arbitrary moment (a notebook's stop button): it is raised between steps, never in the
+    middle of one, so rank 0 and the worker stay in lockstep and the next call gives the reference answer."""
+    path, _ = tiny_model("llama", "q8_0")
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    expected = _run(make_llm(path), _prompts())[0]
+    with make_llm(path, tensor_parallel_size=2) as tp:
+        for delay in (0.3, 0.75):
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                tp.generate(_prompts(2) * 4, long)
+            timer.join()
+            assert _run(tp, _prompts())[0] == expected
+        assert_no_leak(tp)
+
+
 def test_parallel_sizes_are_checked_before_any_process_starts(tiny_model):
     path, _ = tiny_model("llama", "q8_0")  # 4 heads, 2 kv heads
     before = _children()
@@ -144,10 +163,10 @@ def test_shards_put_back_together_are_the_weights():
 
 
 def test_shard_config_divides_heads_mlp_and_vocab():
-    config = ModelConfig.from_hf_config(dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
-        num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, vocab_size=101,
-        max_position_embeddings=64))
+    config = ModelConfig.from_hf_config({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 101,
+        "max_position_embeddings": 64})
     local = shard_config(config, 2)
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (4, 1, 48, 51)
     assert local.head_dim == config.head_dim and local.hidden_size == config.hidden_size
@@ -237,3 +256,33 @@ def test_data_parallel_replica_death_is_a_clear_error(tiny_model):
         with pytest.raises(WorkerError, match=r"replica \d failed: exited with code -9; create a new LLM"):
             dp.generate(_prompts(), GREEDY)
     assert not _children() - before
+
+
+# ---------------------------------------------------------------------------------------------- two GPUs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_tensor_and_data_parallel_equal_one_gpu_on_llama3_8b_shape(tmp_path):
+    """NCCL: TP=2 and DP=2 give one GPU's greedy tokens on Llama-3-8B widths with random weights (two layers, to
+    keep the file at 3 GB; sharding sees the full widths). fp32 so that only summation order differs: the first
+    8 tokens must match exactly, as the design asks of GPU runs."""
+    import sys
+    from pathlib import Path
+
+    from nbllm import LLM
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from multi_gpu import write_random_gguf
+
+    path = write_random_gguf("llama3-8b", tmp_path / "llama3-8b-2layers.gguf", num_layers=2)
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 10000) for _ in range(n)] for n in (5, 40, 200, 700)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    options = {"device": "cuda", "dtype": torch.float32, "max_model_len": 2048}
+    with LLM(path, **options) as one:
+        expected = [o.outputs[0].token_ids[:8] for o in one.generate(prompts, params)]
+    for parallel in ({"tensor_parallel_size": 2}, {"data_parallel_size": 2}):
+        with LLM(path, **options, **parallel) as llm:
+            got = [o.outputs[0].token_ids[:8] for o in llm.generate(prompts, params)]
+        assert got == expected, parallel

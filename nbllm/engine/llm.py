@@ -84,11 +84,11 @@ class LLM:
         if data_parallel_size != 1:
             from nbllm.distributed.data_parallel import DataParallelEngine
 
-            replica_args = dict(dtype=dtype, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                                enable_prefix_caching=enable_prefix_caching, seed=seed, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                speculative_tokens=speculative_tokens, ngram_max=ngram_max, ngram_min=ngram_min,
-                                tensor_parallel_size=tensor_parallel_size)
+            replica_args = {"dtype": dtype, "block_size": block_size, "kv_cache_tokens": kv_cache_tokens,
+                            "enable_prefix_caching": enable_prefix_caching, "seed": seed, "max_num_seqs": max_num_seqs,
+                            "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len,
+                            "speculative_tokens": speculative_tokens, "ngram_max": ngram_max, "ngram_min": ngram_min,
+                            "tensor_parallel_size": tensor_parallel_size}
             self.engine = DataParallelEngine(path, data_parallel_size, dev, replica_args)
             self.model, self.config, self.tokenizer = None, self.engine.config, self.engine.tokenizer
             self._ids = itertools.count()
