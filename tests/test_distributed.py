@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 
+import numpy as np
 import pytest
 import torch
 from engine_helpers import assert_no_leak, make_llm
@@ -19,6 +20,7 @@ from nbllm import NbllmError, SamplingParams
 from nbllm.distributed import ParallelConfigError, WorkerError
 from nbllm.distributed.router import PrefixRouter
 from nbllm.distributed.sharding import ShardedWeights, shard_config
+from nbllm.engine.model_runner import StepInputs
 from nbllm.models.config import ModelConfig
 from nbllm.models.weights import WeightSource
 
@@ -80,6 +82,24 @@ def test_tensor_parallel_worker_death_is_a_clear_error(tiny_model):
         with pytest.raises(WorkerError):  # the engine stays failed, with the same error
             tp.generate(_prompts()[:1], GREEDY)
         assert not tp.engine.scheduler.running and not tp.engine.scheduler.waiting
+    assert not _children() - before
+
+
+@pytest.mark.slow
+def test_tensor_parallel_worker_exception_is_raised_with_its_traceback(tiny_model):
+    """A step the worker cannot run (a copy-on-write from a block its pool does not have): the worker reports and
+    exits, and rank 0's next call raises a WorkerError naming the worker's exception, its traceback attached."""
+    path, _ = tiny_model("llama", "q8_0")
+    bad = StepInputs(ids=np.zeros(1, np.int64), positions=np.zeros(1, np.int64), slots=np.zeros(1, np.int64),
+                     cu_query_lens=np.array([0, 1], np.int32), context_lens=np.ones(1, np.int32),
+                     block_tables=np.zeros((1, 1), np.int32), logit_rows=[0], ready=[])
+    before = _children()
+    with make_llm(path, tensor_parallel_size=2) as tp:
+        with tp.engine.runner.step_broadcast([(10**6, 0)], bad):
+            pass  # sent to the worker; rank 0 does not run it
+        with pytest.raises(WorkerError, match=r"rank 1 failed: IndexError") as caught:
+            tp.generate(_prompts()[:2], GREEDY)
+        assert "copy_blocks" in "".join(caught.value.__notes__)
     assert not _children() - before
 
 

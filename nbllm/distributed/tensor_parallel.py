@@ -120,18 +120,21 @@ class TensorParallelWorkers:
         return WorkerError(f"tensor-parallel worker failure: {cause}; create a new LLM")
 
     def close(self) -> None:
-        """Stop every worker (a `None` step when they are serving, else at once) and wait for them to exit."""
-        if self._serving and self.group.failure is None:
-            self._serving = False
+        """Stop every worker: serving ones finish their loop on a `None` step; others (a failed group, a start that
+        did not finish) are terminated, since they may be waiting in a collective that will never complete."""
+        stop = self._serving and self.group.failure is None
+        self._serving = False
+        if stop:
             try:
                 self.group.broadcast_object(None)
-            except Exception:  # noqa: BLE001 - a broken group: the workers are stopped below either way
-                pass
+            except WorkerError:  # it broke meanwhile: terminated below
+                stop = False
         for p in self._procs:
-            p.join(timeout=10)
+            if stop:
+                p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
-                p.join()
+            p.join()
 
 
 def _worker_main(spec: ShardSpec, rank: int, port: int, errors) -> None:
