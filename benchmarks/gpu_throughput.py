@@ -41,16 +41,18 @@ from nbllm.models.weights import WeightSource
 from nbllm.tokenizer import Tokenizer
 
 HF_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
-        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0), rms_norm_eps=1e-6, max_position_embeddings=40960,
-        bos_token_id=1, eos_token_id=2),
-    "llama3-8b": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=500_000.0), rms_norm_eps=1e-5, max_position_embeddings=8192,
-        bos_token_id=1, eos_token_id=2),
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 40960, "bos_token_id": 1, "eos_token_id": 2},
+    "llama3-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0}, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2},
 }
 MAX_MODEL_LEN = 4096
 
@@ -315,9 +317,9 @@ def main() -> None:
             seconds = run_engine(engine, work)
             stats = engine.stats()
             rows.append((name, "(a) nbllm, 256 requests (nano-vllm workload)",
-                         f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, "
+                         (f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, "
                          f"{stats['steps'] - steps_before} steps, "
-                         f"{stats['preemptions']} preemptions)"))
+                         f"{stats['preemptions']} preemptions)")))
             print(rows[-1], flush=True)
             if args.profile:
                 profile_decode(engine, f"{args.profile}.{name}.batch256.txt")
@@ -330,12 +332,12 @@ def main() -> None:
             tok_s = batch1_decode(engine)
             roof = bandwidth / weight_bytes(model)
             rows.append((name, "(b) batch-1 decode",
-                         f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
-                         f"({weight_bytes(model) / 1e9:.2f} GB of weights)"))
+                         (f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
+                         f"({weight_bytes(model) / 1e9:.2f} GB of weights)")))
             replay = graph_replay_seconds(engine, 1)
             rows.append((name, "(b) batch-1 graph replay alone (the GPU's share of a step)",
-                         f"{replay * 1e3:.3f} ms = {1 / replay:,.0f} tok/s; the rest of a {1e3 / tok_s:.3f} ms step "
-                         "is host work"))
+                         (f"{replay * 1e3:.3f} ms = {1 / replay:,.0f} tok/s; the rest of a {1e3 / tok_s:.3f} ms step "
+                         "is host work")))
             print(rows[-2:], flush=True)
             if args.profile:
                 profile_batch1(engine, f"{args.profile}.{name}.batch1.txt")
@@ -352,8 +354,8 @@ def main() -> None:
                 seconds = run_engine(engine, shared)
                 stats = engine.stats()
                 rows.append((name, f"(c) shared 2048-token prefix, 128 requests, caching {'on' if caching else 'off'}",
-                             f"{shared.output_tokens / seconds:,.0f} output tok/s ({seconds:.1f} s, "
-                             f"{stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%} prompt tokens cached)"))
+                             (f"{shared.output_tokens / seconds:,.0f} output tok/s ({seconds:.1f} s, "
+                             f"{stats['cached_prompt_tokens'] / stats['prompt_tokens']:.0%} prompt tokens cached)")))
                 print(rows[-1], flush=True)
                 del engine
         del model
@@ -363,7 +365,7 @@ def main() -> None:
             hf_s = run_hf(hf_model, subset)
             rows.append((name, f"(a) transformers CB, {len(subset.prompts)} requests",
                          f"{subset.output_tokens / hf_s:,.0f} tok/s ({hf_s:.1f} s)"))
-        except Exception as exc:  # a transformers without the API must not sink the nbllm numbers
+        except Exception as exc:  # noqa: BLE001 - a transformers without the API must not sink the nbllm numbers
             rows.append((name, "(a) transformers CB", f"failed: {type(exc).__name__}: {exc}"[:120]))
     width = max(len(r[1]) for r in rows)
     print(f"\n{'model':<11} {'measure':<{width}} result")
@@ -406,7 +408,7 @@ def decode_kernel_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str
     results = []
     for splits, block_n, warps, stages in ((default, 64, 4, 2), (1, 64, 4, 2), (2, 64, 4, 2), (8, 64, 4, 2),
                                            (default, 32, 4, 2), (default, 128, 4, 2), (default, 64, 8, 2)):
-        def launch() -> None:
+        def launch(splits: int = splits, block_n: int = block_n, warps: int = warps, stages: int = stages) -> None:
             decode_attention(q, k_cache, v_cache, block_tables=tables, context_lens=lens, scale=d**-0.5,
                              sliding_window=None, num_splits=splits, block_n=block_n, num_warps=warps,
                              num_stages=stages)

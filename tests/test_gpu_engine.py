@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from engine_helpers import make_llm
-from nbllm import LLM, SamplingParams
 from tiny_models import random_prompts
+
+from nbllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from test_paged_attention import make_batch
 
 triton = pytest.importorskip("triton")
@@ -23,14 +22,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
 
-from nbllm.kernels.activation import gated_activation, gated_activation_reference  # noqa: E402
-from nbllm.kernels.decode_attention import decode_attention  # noqa: E402
-from nbllm.kernels.extend_attention import extend_attention  # noqa: E402
-from nbllm.kernels.paged_attention import paged_attention  # noqa: E402
-from nbllm.kernels.paged_attention import store_kv as store_kv_reference  # noqa: E402
-from nbllm.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
-from nbllm.kernels.rotary import rotary_embedding, rotary_qk, rotary_reference  # noqa: E402
-from nbllm.kernels.store_kv import store_kv  # noqa: E402
+from nbllm.kernels.activation import gated_activation, gated_activation_reference
+from nbllm.kernels.decode_attention import decode_attention
+from nbllm.kernels.extend_attention import extend_attention
+from nbllm.kernels.paged_attention import paged_attention
+from nbllm.kernels.paged_attention import store_kv as store_kv_reference
+from nbllm.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
+from nbllm.kernels.rotary import rotary_embedding, rotary_qk, rotary_reference
+from nbllm.kernels.store_kv import store_kv
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")

@@ -21,7 +21,12 @@ import torch
 
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
-from nbllm.kernels.paged_attention import PagedAttentionPlan, plan_paged_attention, run_paged_attention, store_kv
+from nbllm.kernels.paged_attention import (
+    PagedAttentionPlan,
+    plan_paged_attention,
+    run_paged_attention,
+    store_kv,
+)
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 
