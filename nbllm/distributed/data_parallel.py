@@ -68,10 +68,6 @@ class DataParallelEngine:
             raise
         self.router = PrefixRouter(size, replica_args["block_size"], capacity_blocks=min(blocks))
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
     # ------------------------------------------------------------------ the engine interface of `LLM`
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

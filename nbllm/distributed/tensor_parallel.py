@@ -74,10 +74,6 @@ class TensorParallelWorkers:
             self.close()
             raise
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
     def serve(self, runner: ModelRunner) -> None:
         """From now on `runner` (rank 0's) sends every step to the workers before running it."""
         runner.graphs = None  # decode graphs do not capture the collectives yet: tensor-parallel runs eagerly
