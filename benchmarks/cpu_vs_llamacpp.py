@@ -6,7 +6,10 @@ Both sides are measured the way a Python user sees them:
   decode   batch-1 greedy after a short prompt, 128 tokens (nbllm: the time of 129 tokens minus that of 1, so
            the prompt is not counted, as llama.cpp's timing does not count it).
 
-    python benchmarks/cpu_vs_llamacpp.py [--threads 2] [--repeats 3] [--no-peer]
+    python benchmarks/cpu_vs_llamacpp.py [--threads 2] [--repeats 3] [--no-peer] [--gemm]
+
+`--gemm` adds the matmuls alone on the default model's weight shapes: the int8 kernel against torch's fp32
+`F.linear` over the dequantized weight, by batch rows M (decode 1, batched decode 8-64, prefill 512).
 
 Run it on a quiet machine (load average < 1.5): two busy cores slow both engines far more than their share.
 """
@@ -64,14 +67,44 @@ def nbllm_timings(repeats: int) -> dict:
     }
 
 
+def gemm_table(repeats: int) -> None:
+    import torch.nn.functional as F
+
+    from nbllm.gguf import open_gguf
+    from nbllm.gguf.repack import repack
+    from nbllm.kernels.cpu_int8_gemm import int8_linear
+
+    file = open_gguf(default_model_path())
+    print("| weight (type, N×K) | M | int8 kernel ms | fp32 F.linear ms | fp32 / int8 |")
+    print("|---|---|---|---|---|")
+    for name in ("token_embd.weight", "blk.0.ffn_up.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"):
+        info = file.tensors[name]
+        packed = repack(file.tensor_bytes_torch(name), info.qtype, info.shape)
+        dense = packed.dequantize()
+        for m in (1, 8, 32, 64, 512):
+            if name.startswith("token_embd") and m > 64:
+                continue  # the output projection only sees each sequence's last row
+            x = torch.randn(m, info.shape[1])
+            times = []
+            for fn in (lambda: int8_linear(x, packed.q, packed.scale, packed.offset), lambda: F.linear(x, dense)):
+                fn()
+                times.append(min(_timed(fn) for _ in range(repeats)) * 1e3)
+            shape = f"{info.qtype.name}, {info.shape[0]}×{info.shape[1]}"
+            print(f"| {name} ({shape}) | {m} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.2f}× |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--gemm", action="store_true", help="also time the matmuls alone, int8 vs fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.gemm:
+        gemm_table(args.repeats)
     ours = nbllm_timings(args.repeats)
     peer = None
     if not args.no_peer:

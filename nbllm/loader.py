@@ -160,8 +160,10 @@ def load_model(
     though not bit for bit (see that module for what this does and does not buy at greedy near-ties).
 
     `int8`: keep a GGUF file's quantized weights quantized (`Int8Linear`; the same outputs up to fp32 summation
-    order, a quarter of the memory, several times faster decode). None (default): when loading float32 to the CPU
-    and the kernels build here (else dense, with a warning saying why); True: required; False: dense weights.
+    order, a quarter of the memory, faster decode). None (default): when loading float32 to the CPU with exact
+    numerics and the kernels build here (else dense, with a warning saying why); True: required; False: dense.
+    llama.cpp numerics stay dense by default: that mode exists to reproduce llama.cpp's picks at near-ties, where
+    its 8-bit activation rounding turns any change of fp32 summation order into a different token.
     """
     weights, config, spec = open_weights(path, device=device, dtype=dtype, numerics=numerics, int8=int8)
     model = spec.model_class(config, weights)
@@ -188,7 +190,7 @@ def open_weights(
         raise ModelLoadError(f"numerics='llamacpp' computes in float32, not {dtype}")
     device = torch.device(device)
     llamacpp = numerics == "llamacpp"
-    int8 = _use_int8(int8, device, dtype)
+    int8 = _use_int8(False if int8 is None and llamacpp else int8, device, dtype)
     if isinstance(path, GGUFFile):
         return _open_gguf(path, dtype, device, llamacpp, int8)
     if (path := Path(path)).is_dir():
