@@ -39,15 +39,35 @@ def make_programs(k: int, tokens: int):
     return forked, single
 
 
-def best_of(repeats: int, llm: LLM, fn):
-    """(best seconds, engine steps of one run, the result of the best run)."""
-    runs = []
+def interleaved_best(repeats: int, llm: LLM, variants: dict):
+    """Each variant once per round, rounds repeated: on a shared machine, load that drifts hits every variant
+    alike. Per variant: (best seconds, engine steps of one run, the result of the best run)."""
+    runs: dict[str, list] = {name: [] for name in variants}
     for _ in range(repeats):
-        steps = llm.stats()["steps"]
-        start = time.perf_counter()
-        result = fn()
-        runs.append((time.perf_counter() - start, llm.stats()["steps"] - steps, result))
-    return min(runs, key=lambda r: r[0])
+        for name, fn in variants.items():
+            steps = llm.stats()["steps"]
+            start = time.perf_counter()
+            result = fn()
+            runs[name].append((time.perf_counter() - start, llm.stats()["steps"] - steps, result))
+    return {name: min(r, key=lambda x: x[0]) for name, r in runs.items()}
+
+
+def measure(llm: LLM, k: int, tokens: int, repeats: int) -> str:
+    """One table row: k branches of `tokens` tokens as serial programs, as a fork, as one engine batch."""
+    forked, single = make_programs(k, tokens)
+    prompts = [CONTEXT + f"Point {i + 1}:" for i in range(k)]
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, params)  # warm: weights paged in, the shared context in the prefix cache
+    best = interleaved_best(repeats, llm, {
+        "serial": lambda: [single.run(i, llm=llm, temperature=0.0) for i in range(k)],
+        "fork": lambda: forked.run(llm=llm, temperature=0.0),
+        "batch": lambda: llm.generate(prompts, params),
+    })
+    (t_serial, n_serial, serial), (t_fork, n_fork, fork), (t_batch, n_batch, batch) = best.values()
+    if not [s["point"] for s in serial] == fork["point"] == [o.outputs[0].text for o in batch]:
+        raise SystemExit("outputs differ between serial, fork and batch: greedy determinism is broken")
+    return (f"| {k} | {t_serial:.2f} ({n_serial}) | {t_fork:.2f} ({n_fork}) | {t_batch:.2f} ({n_batch}) | "
+            f"{t_fork / t_serial:.2f} | {t_fork / t_batch:.2f} |")
 
 
 def main() -> None:
@@ -59,23 +79,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(device="cpu")
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    print(f"load average {os.getloadavg()[0]:.2f}; {args.tokens} tokens per branch, best of {args.repeats}")
+    print(f"load average {os.getloadavg()[0]:.2f}; {args.tokens} tokens per branch, best of {args.repeats} interleaved rounds")
     print("| k | serial s (steps) | fork s (steps) | engine batch s (steps) | fork / serial | fork / batch |")
     print("|---|---|---|---|---|---|")
     for k in (int(b) for b in args.branches.split(",")):
-        forked, single = make_programs(k, args.tokens)
-        prompts = [CONTEXT + f"Point {i + 1}:" for i in range(k)]
-        llm.generate(prompts, params)  # warm: weights paged in, the shared context in the prefix cache
-        t_serial, n_serial, serial = best_of(args.repeats, llm, lambda: [single.run(i, llm=llm, temperature=0.0)
-                                                                         for i in range(k)])
-        t_fork, n_fork, fork = best_of(args.repeats, llm, lambda: forked.run(llm=llm, temperature=0.0))
-        t_batch, n_batch, batch = best_of(args.repeats, llm, lambda: llm.generate(prompts, params))
-        texts = [s["point"] for s in serial]
-        if not texts == fork["point"] == [o.outputs[0].text for o in batch]:
-            raise SystemExit("outputs differ between serial, fork and batch: greedy determinism is broken")
-        print(f"| {k} | {t_serial:.2f} ({n_serial}) | {t_fork:.2f} ({n_fork}) | {t_batch:.2f} ({n_batch}) | "
-              f"{t_fork / t_serial:.2f} | {t_fork / t_batch:.2f} |")
+        print(measure(llm, k, args.tokens, args.repeats))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
