@@ -3,8 +3,8 @@
 Why a plain shared library and not a torch extension: it compiles in about a second with the system `g++` (no torch
 headers, no ninja), and a ctypes call costs a few microseconds, like a pybind one. It is built on first use into
 `$NBLLM_CACHE_DIR/kernels` (default `~/.cache/nbllm/kernels`) under a name that hashes the source and the flags, so an
-edited kernel is rebuilt and concurrent builders never see a half-written file. `-fopenmp` binds to the libgomp torch
-has already loaded: the kernel's threads are torch's (`torch.get_num_threads()`).
+edited kernel is rebuilt and concurrent builders never see a half-written file. It runs on `torch.get_num_threads()`
+threads: the caller and helpers that claim chunks of rows (see the C++ source for why not OpenMP).
 
 Where it cannot run (no AVX2/FMA, no compiler, build error) `unavailable_reason()` says why and callers keep dense
 weights; nothing here raises at import.
@@ -28,7 +28,7 @@ import torch
 __all__ = ["int8_dequantize", "int8_linear", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("cpu_int8_gemm.cpp")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=c++17")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
