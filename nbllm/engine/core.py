@@ -176,7 +176,8 @@ class EngineCore:
                 for r in range(len(draft) + 1):
                     rows.append(first + r)
                     seqs.append(seq)
-                    outputs.append(seq.output_token_ids + draft[:r])
+                    # the token history only feeds penalties: copying it for every row would cost O(length) a token
+                    outputs.append(seq.output_token_ids + draft[:r] if seq.params.has_penalties else [])
             result = self.sampler(logits[torch.tensor(rows, device=logits.device)],
                                   self._sampling_batch(seqs, outputs), self._allowed_mask(seqs, logits))
             tokens = result.token_ids.tolist()
@@ -243,7 +244,7 @@ class EngineCore:
         """Draft tokens for the next step, never more than the output and context lengths leave room for (the
         step emits one token past the draft)."""
         spec = self.speculative
-        room = min(spec.num_tokens, seq.params.max_tokens - len(seq.output_token_ids) - 1,
+        room = min(spec.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
                    self.scheduler.config.max_model_len - seq.num_tokens - 1)
         return propose_ngram(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
 
@@ -336,7 +337,7 @@ class EngineCore:
                 seq.finish_reason, seq.stop_reason = "stop", hit.stop
             elif seq.matcher is not None and seq.matcher.complete:  # only EOS could follow: end without it
                 seq.finish_reason = "stop"
-            elif len(seq.output_token_ids) >= params.max_tokens:
+            elif seq.num_output_tokens >= params.max_tokens:
                 seq.finish_reason = "length"
             elif seq.num_tokens >= self.scheduler.config.max_model_len:
                 seq.finish_reason = "length"

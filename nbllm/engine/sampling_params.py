@@ -80,6 +80,11 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether sampling looks at the tokens seen so far (repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def constraint(self) -> tuple[str, Any] | None:
         """The output constraint as (field name, value), or None for free text."""
         for name in _CONSTRAINTS:

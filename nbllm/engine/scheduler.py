@@ -129,7 +129,7 @@ class Scheduler:
             n = min(seq.num_pending, budget)
             if not self._reserve(seq, n, batch.copies):
                 self.blocks.free(seq.table)
-                seq.num_computed = 0
+                seq.num_computed = seq.num_offered_blocks = 0
                 break
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.cached_prompt_tokens = cached_tokens
@@ -180,7 +180,7 @@ class Scheduler:
         seq.spec_token_ids.clear()
         self.running.remove(seq)
         self.blocks.free(seq.table)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_offered_blocks = 0
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         seq.waiting_since_step = self.step_count - self.config.max_model_len  # first in line when it returns
@@ -189,9 +189,11 @@ class Scheduler:
     # ------------------------------------------------------------------ prefix cache
 
     def cache_computed(self, seq: Sequence) -> None:
-        """Offer the full blocks whose K/V are computed to the prefix cache."""
+        """Offer the full blocks whose K/V are computed to the prefix cache, once each block fills: inserting
+        walks the whole prefix, which every decode step would otherwise pay for every sequence."""
         if self.radix is None:
             return
         full = seq.num_computed // self.blocks.block_size
-        if full:
+        if full > seq.num_offered_blocks:
             self.radix.insert(seq.token_ids[: full * self.blocks.block_size], seq.table.blocks[:full])
+            seq.num_offered_blocks = full

@@ -45,6 +45,7 @@ class Sequence:
     stop_checker: StopChecker
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed: int = 0  # tokens whose K/V are stored in `table`'s blocks
+    num_offered_blocks: int = 0  # full blocks of `table` already offered to the prefix cache
     # Speculative draft tokens to verify in the next step (see `spec_decode.py`): not part of `token_ids`; their
     # K/V is written after the pending token's, and the step rolls back the rejected ones.
     spec_token_ids: list[int] = field(default_factory=list)
@@ -74,6 +75,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_pending(self) -> int:
