@@ -129,6 +129,8 @@ inline __m256 codes(const int8_t* p) {
 
 // R weight rows starting at q (row stride K; scales/offsets at s/o, row stride K / G) times C activation rows
 // starting at x (row stride ldx), into y (row stride ldy; y[c * ldy + r]).
+constexpr int64_t kPrefetchBytes = 4096;
+
 template <int R, int C, bool OFFSET>
 inline void tile(const float* x, int64_t ldx, const int8_t* q, const float* s, const float* o, int64_t K,
                  int64_t G, float* y, int64_t ldy) {
@@ -142,6 +144,9 @@ inline void tile(const float* x, int64_t ldx, const int8_t* q, const float* s, c
         __m256 sv[R], ov[R];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
+            // Rows are only K bytes long, too short for the hardware prefetchers to follow a tile's R streams:
+            // fetch the rows a few tiles ahead (rows are contiguous, so that is simply further on).
+            _mm_prefetch(reinterpret_cast<const char*>(q + r * K + g * G + kPrefetchBytes), _MM_HINT_T0);
             sv[r] = _mm256_set1_ps(s[r * groups + g]);
             ov[r] = OFFSET ? _mm256_set1_ps(o[r * groups + g]) : _mm256_setzero_ps();
         }
