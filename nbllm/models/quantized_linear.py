@@ -20,8 +20,11 @@ from torch import nn
 from nbllm.gguf.repack import Int8Weight
 from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear
 
-#: Input rows from which dequantize-and-GEMM beats the int8 kernel (measured on the default model's shapes).
-DENSE_MIN_ROWS = 64
+#: Input rows from which dequantize-and-GEMM beats the int8 kernel (`benchmarks/cpu_vs_llamacpp.py --gemm`, quiet
+#: box): ~32 for the default model's layer weights; the output projection (262144 rows, dequantized slice by
+#: slice) stays faster on the kernel up to at least 64.
+DENSE_MIN_ROWS = 32
+DENSE_MIN_ROWS_SLICED = 128
 # Weights dequantized at a time on the dense path (fp32 bytes: 4x this).
 _SLICE_WEIGHTS = 1 << 21
 
@@ -63,7 +66,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input is not None:
             x = self.round_input(x)
-        if x.numel() >= DENSE_MIN_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if rows >= (DENSE_MIN_ROWS if self.q.numel() <= _SLICE_WEIGHTS else DENSE_MIN_ROWS_SLICED):
             y = self._dense_forward(x)
         else:
             y = int8_linear(x, self.q, self.scale, self.offset)
