@@ -20,10 +20,11 @@ from torch import nn
 from nbllm.gguf.repack import Int8Weight
 from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear
 
-#: Input rows from which dequantize-and-GEMM beats the int8 kernel (`benchmarks/cpu_vs_llamacpp.py --gemm`, quiet
-#: box): ~32 for the default model's layer weights; the output projection (262144 rows, dequantized slice by
-#: slice) stays faster on the kernel up to at least 64.
-DENSE_MIN_ROWS = 32
+#: Input rows from which dequantize-and-GEMM beats the int8 kernel (quiet box, default model's shapes): MKL alone
+#: wins from ~32 rows (`benchmarks/cpu_vs_llamacpp.py --gemm`), but the dense path also dequantizes the weight on
+#: every call (~0.3 ms for a 2048×640 layer), which moves the break-even to ~64. The output projection (262144
+#: rows, dequantized slice by slice) stays faster on the kernel up to at least 64.
+DENSE_MIN_ROWS = 64
 DENSE_MIN_ROWS_SLICED = 128
 # Weights dequantized at a time on the dense path (fp32 bytes: 4x this).
 _SLICE_WEIGHTS = 1 << 21
