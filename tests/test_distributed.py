@@ -3,6 +3,7 @@ follows cached prefixes, no leaked KV blocks, no processes left after `close`, a
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -300,9 +301,15 @@ def test_gpu_tensor_and_data_parallel_equal_one_gpu_on_llama3_8b_shape(tmp_path)
     prompts = [[1] + [rng.randrange(3, 10000) for _ in range(n)] for n in (5, 40, 200, 700)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     options = {"device": "cuda", "dtype": torch.float32, "max_model_len": 2048}
-    with LLM(path, **options) as one:
-        expected = [o.outputs[0].token_ids[:8] for o in one.generate(prompts, params)]
-    for parallel in ({"tensor_parallel_size": 2}, {"data_parallel_size": 2}):
+    def greedy(**parallel) -> list[list[int]]:
+        """Each LLM sizes its KV pool from free GPU memory: the previous one must be gone first."""
         with LLM(path, **options, **parallel) as llm:
-            got = [o.outputs[0].token_ids[:8] for o in llm.generate(prompts, params)]
-        assert got == expected, parallel
+            out = [o.outputs[0].token_ids[:8] for o in llm.generate(prompts, params)]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        return out
+
+    expected = greedy()
+    for parallel in ({"tensor_parallel_size": 2}, {"data_parallel_size": 2}):
+        assert greedy(**parallel) == expected, parallel

@@ -206,6 +206,8 @@ def _replica_main(path: str, device: str, args: dict[str, Any], threads: int, co
     try:
         ignore_interrupts()
         torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))  # Triton launches on the current device, not the tensors'
         with LLM(path, device=device, **args) as llm:
             engine = llm.engine
             conn.send(("reply", engine.blocks.num_blocks))
