@@ -255,10 +255,11 @@ def test_default_backend(tiny) -> None:
 
 
 def test_notebook_session_is_the_fallback_backend(tiny_model) -> None:
+    from IPython import get_ipython
     from IPython.testing.globalipapp import start_ipython
 
     path, _ = tiny_model("llama", "f32")
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # None when another test module started it first
     shell.run_line_magic("load_ext", "nbllm")
     shell.run_line_magic("llm_model", f"{path} --device cpu")
     session_llm = shell.magics_manager.registry["NbllmMagics"].session.llm

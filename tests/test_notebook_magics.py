@@ -4,6 +4,7 @@ reports, and bad input that ends as one line with the session still working."""
 from __future__ import annotations
 
 import pytest
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 
@@ -15,7 +16,7 @@ from engine_helpers import interrupt_at_step
 @pytest.fixture(scope="module")
 def ip(tiny_model):
     path, _ = tiny_model("llama", "f32")
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # None when another test module started it first
     shell.run_line_magic("load_ext", "nbllm")
     shell.run_line_magic("llm_model", f"{path} --device cpu")
     return shell
