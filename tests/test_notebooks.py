@@ -1,9 +1,9 @@
-"""The tutorials in `notebooks/` run top to bottom in a fresh kernel (as `pytest --nbval-lax notebooks/` would run
-them), and are committed without outputs so that the repository stays small and diffs stay readable."""
+"""The tutorials in `notebooks/` are committed without outputs, so that the repository stays small and diffs stay
+readable. They are run cell by cell in a fresh kernel by nbval: pyproject's pytest settings add `notebooks/` to the
+test paths with `--nbval-lax` (a cell that raises fails; outputs are not compared, since they hold timings)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -19,17 +19,3 @@ def test_committed_without_outputs(path: Path) -> None:
     stale = [i for i, c in enumerate(nb.cells)
              if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert not stale, f"{path.name}: cells {stale} carry outputs; clear them before committing"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Executes every cell in a new python3 kernel with the notebook's folder as working directory; a cell that
-    raises fails the test (nbclient's CellExecutionError names the cell). Timings are printed, never asserted."""
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(path, as_version=4)
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    with capsys.disabled():
-        print(f"\n{path.name}: {time.perf_counter() - start:.0f} s")
