@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from nbllm.engine.block_manager import BlockManager, BlockTable
+from nbllm.engine.kv_offload import HostKVPool
 from nbllm.engine.model_runner import KVPool, ModelRunner
 from nbllm.engine.outputs import RequestMetrics, RequestOutput
-from nbllm.engine.radix_cache import RadixCache
+from nbllm.engine.radix_cache import RadixCache, host_tier_stats
 from nbllm.engine.sampler import Sampler, SampleResult, SamplingBatch
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -70,13 +71,16 @@ class EngineCore:
         scheduler_config: SchedulerConfig,
         seed: int = 0,
         speculative: SpeculativeConfig | None = None,
+        host_kv_blocks: int = 0,
     ) -> None:
+        """`host_kv_blocks` > 0 gives the prefix cache a host-RAM tier of that many blocks (`kv_offload`)."""
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size)
-        self.radix = RadixCache(self.blocks) if scheduler_config.enable_prefix_caching else None
-        self.scheduler = Scheduler(scheduler_config, self.blocks, self.radix)
         self.runner = ModelRunner(model, config, num_blocks, block_size)
+        self.host_kv = HostKVPool(self.runner.pool, host_kv_blocks) if host_kv_blocks else None
+        self.radix = RadixCache(self.blocks, self.host_kv) if scheduler_config.enable_prefix_caching else None
+        self.scheduler = Scheduler(scheduler_config, self.blocks, self.radix)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.seed = seed
@@ -375,6 +379,7 @@ class EngineCore:
             "jump_forward_tokens": t.jump_forward_tokens,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            **host_tier_stats(self.radix),
         }
 
     def kv_snapshot(self) -> dict[str, Any]:

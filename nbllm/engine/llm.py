@@ -71,10 +71,22 @@ class LLM:
         ngram_min: int = 1,
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
+        kv_offload_gb: float = 0.0,
     ) -> None:
         """`tensor_parallel_size` > 1 splits every layer over that many processes (this one and spawned workers,
         one GPU each on CUDA); `data_parallel_size` > 1 serves from that many replicas, each in its own process,
-        behind a router (`nbllm.distributed`). `close()` stops them; so does dropping the `LLM`."""
+        behind a router (`nbllm.distributed`). `close()` stops them; so does dropping the `LLM`.
+
+        `kv_offload_gb` > 0 gives the prefix cache a second tier of that many GiB of host RAM (per replica):
+        cached prefixes evicted from the KV pool move there and are copied back on a later hit instead of being
+        prefilled again -- a multi-turn chat keeps its history across many other requests. It needs prefix
+        caching and one process per replica (no tensor parallelism)."""
+        if kv_offload_gb < 0:
+            raise NbllmError(f"kv_offload_gb must be >= 0, got {kv_offload_gb}")
+        if kv_offload_gb and not enable_prefix_caching:
+            raise NbllmError("kv_offload_gb offloads the prefix cache; keep enable_prefix_caching=True or set 0")
+        if kv_offload_gb and tensor_parallel_size != 1:
+            raise NbllmError("kv_offload_gb does not work with tensor parallelism yet; use tensor_parallel_size=1")
         path = Path(model) if model is not None else default_model_path()
         dev = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -88,7 +100,7 @@ class LLM:
                             "enable_prefix_caching": enable_prefix_caching, "seed": seed, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len,
                             "speculative_tokens": speculative_tokens, "ngram_max": ngram_max, "ngram_min": ngram_min,
-                            "tensor_parallel_size": tensor_parallel_size}
+                            "tensor_parallel_size": tensor_parallel_size, "kv_offload_gb": kv_offload_gb}
             self.engine = DataParallelEngine(path, data_parallel_size, dev, replica_args)
             self.model, self.config, self.tokenizer = None, self.engine.config, self.engine.tokenizer
             self._ids = itertools.count()
@@ -112,8 +124,11 @@ class LLM:
         )
         # Prompt-lookup speculative decoding (off by default): up to `speculative_tokens` drafts per step.
         speculative = SpeculativeConfig(speculative_tokens, ngram_max, ngram_min) if speculative_tokens else None
+        host_kv_blocks = num_blocks_for(self.model.config, block_size, dtype, kv_cache_tokens=None,
+                                        memory_bytes=int(kv_offload_gb * 2**30)) if kv_offload_gb else 0
         self.engine = EngineCore(self.model, self.config, self.tokenizer, num_blocks=num_blocks, block_size=block_size,
-                                 scheduler_config=scheduler_config, seed=seed, speculative=speculative)
+                                 scheduler_config=scheduler_config, seed=seed, speculative=speculative,
+                                 host_kv_blocks=host_kv_blocks)
         if workers is not None:
             workers.serve(self.engine.runner)
         self._ids = itertools.count()

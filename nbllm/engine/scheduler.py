@@ -11,8 +11,9 @@ prefill is cheapest and its blocks are at risk of eviction), plus an aging term 
 step waited, so a sequence with no cache hit waits at most `max_model_len / aging_tokens_per_step` steps
 behind newcomers.
 
-When blocks run out, the radix cache evicts least-recently-used unreferenced prefixes first; if that is not
-enough, the most recently admitted running sequence is preempted by recompute: its blocks are released and it
+When blocks run out, the radix cache evicts least-recently-used unreferenced prefixes first (to host RAM when it
+has a host tier: an admitted sequence whose prefix waits there gets it copied back instead of prefilled, and
+ranks as if it were cached); if that is not enough, the most recently admitted running sequence is preempted by recompute: its blocks are released and it
 goes back to waiting with all its tokens, to be prefilled again (mostly from the prefix cache) later.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nbllm.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
-from nbllm.engine.radix_cache import RadixCache
+from nbllm.engine.radix_cache import PrefixMatch, RadixCache
 from nbllm.engine.sequence import Sequence, SequenceStatus
 
 
@@ -122,9 +123,10 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             # Matched again here: admitting an earlier candidate may have evicted what ranking saw cached.
-            cached_blocks, cached_tokens = self._cached_prefix(seq)
-            if cached_blocks:
-                self.blocks.append_prefix(seq.table, cached_blocks, cached_tokens)
+            match = self._cached_prefix(seq, restore=True)
+            cached_tokens = match.num_tokens
+            if match.blocks:
+                self.blocks.append_prefix(seq.table, match.blocks, cached_tokens)
                 seq.num_computed = cached_tokens
             n = min(seq.num_pending, budget)
             if not self._reserve(seq, n, batch.copies):
@@ -144,16 +146,18 @@ class Scheduler:
         def priority(item: tuple[int, Sequence]) -> tuple[int, int]:
             order, seq = item
             waited = self.step_count - seq.waiting_since_step
-            return -(self._cached_prefix(seq)[1] + waited * self.config.aging_tokens_per_step), order
+            match = self._cached_prefix(seq, restore=False)
+            return -(match.num_tokens + match.host_tokens + waited * self.config.aging_tokens_per_step), order
 
         return [seq for _, seq in sorted(enumerate(self.waiting), key=priority)]
 
-    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
+    def _cached_prefix(self, seq: Sequence, *, restore: bool) -> PrefixMatch:
+        """`seq`'s cached prefix; with `restore`, its host-resident part is first copied back to the device."""
         if self.radix is None:
-            return [], 0
+            return PrefixMatch((), 0)
         # At least one token must be computed this step: it yields the logits of the next token.
-        match = self.radix.match_prefix(seq.token_ids[: seq.num_tokens - 1])
-        return list(match.blocks), match.num_tokens
+        query = seq.token_ids[: seq.num_tokens - 1]
+        return self.radix.load_prefix(query) if restore else self.radix.match_prefix(query)
 
     def _reserve(self, seq: Sequence, n: int, copies: list[tuple[int, int]]) -> bool:
         """Blocks for `seq`'s next `n` tokens, copying shared ones first; evicts cached prefixes if needed."""
