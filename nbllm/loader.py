@@ -5,7 +5,8 @@ same whatever the file: the GGUF source decodes quantized tensors (`nbllm.gguf.q
 source maps HF names through gguf's `TensorNameMap` and reads over mmap (`safe_open`). Per-architecture
 format quirks come from the `ArchSpec` as fixups (llama.cpp's permuted Llama q/k rows, HF Gemma's norm offset).
 On the CPU in fp32, a GGUF file's quantized weights stay quantized (int8 codes + group scales, repacked once and
-cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels.
+cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels. With `n_gpu_layers`, a
+CUDA load splits the layers between the CPU and the GPU (`nbllm.models.placement`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nbllm.kernels.cpu_int8_gemm import unavailable_reason
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
 from nbllm.models.llamacpp_numerics import apply_llamacpp_numerics
+from nbllm.models.placement import Place, build_placed_model, plan_layer_offload
 from nbllm.models.registry import ArchSpec, spec_for_gguf, spec_for_hf
 from nbllm.models.weights import Fixup, WeightSource, shift_norms, unpermute_qk_rows
 
@@ -150,6 +152,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     numerics: Numerics = "exact",
     int8: bool | None = None,
+    n_gpu_layers: int | None = None,
 ) -> tuple[CausalLM, ModelConfig]:
     """Load a GGUF file (a path, or one already open) or an HF safetensors directory; raises `ModelLoadError`
     naming the file on any problem.
@@ -164,13 +167,24 @@ def load_model(
     numerics and the kernels build here (else dense, with a warning saying why); True: required; False: dense.
     llama.cpp numerics stay dense by default: that mode exists to reproduce llama.cpp's picks at near-ties, where
     its 8-bit activation rounding turns any change of fp32 summation order into a different token.
+
+    `n_gpu_layers` with a CUDA `device`: the last that many decoder layers and the output head on the GPU in
+    `dtype`, the token table and the other layers on the CPU in float32 (`nbllm.models.placement`; None: all on
+    the GPU, 0: all on the CPU, more than the model has: all, with a warning). Ignored on a CPU `device`.
     """
-    weights, config, spec = open_weights(path, device=device, dtype=dtype, numerics=numerics, int8=int8)
-    model = spec.model_class(config, weights)
+    device = torch.device(device)
+    if n_gpu_layers is None or device.type == "cpu":
+        weights, config, spec = open_weights(path, device=device, dtype=dtype, numerics=numerics, int8=int8)
+        model = spec.model_class(config, weights)
+    else:  # opened for the CPU first: the layer count decides what goes where
+        weights, config, spec = open_weights(path, numerics=numerics, int8=int8)
+        gpu = Place(_indexed(device), dtype)
+        model = build_placed_model(spec.model_class, config, weights,
+                                   plan_layer_offload(config.num_layers, n_gpu_layers, gpu))
     weights.finish()
     if numerics == "llamacpp":
         scaled_rope = config.rope_scaling is not None or weights.has("rope_freqs.weight")
-        apply_llamacpp_numerics(model, weights.ggml_type("token_embd.weight"), scaled_rope=scaled_rope)
+        apply_llamacpp_numerics(model, weights, scaled_rope=scaled_rope)
     return model.eval(), config
 
 
@@ -198,6 +212,11 @@ def open_weights(
     if path.is_file():
         return _open_gguf(open_gguf(path), dtype, device, llamacpp, int8)
     raise ModelLoadError(f"{path}: no such file or directory")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:<current>`: the device tensors report, so places compare equal to it."""
+    return device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
 
 
 def _use_int8(requested: bool | None, device: torch.device, dtype: torch.dtype) -> bool:

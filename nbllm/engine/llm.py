@@ -18,6 +18,7 @@ import torch
 from nbllm.defaults import default_model_path
 from nbllm.engine.beam_search import BeamSearch, BeamSearchOutput
 from nbllm.engine.core import EngineCore, PromptTooLongError, num_blocks_for
+from nbllm.engine.model_runner import KVPool
 from nbllm.engine.outputs import RequestOutput
 from nbllm.engine.sampling_params import SamplingParams
 from nbllm.engine.scheduler import SchedulerConfig
@@ -28,6 +29,7 @@ from nbllm.gguf import open_gguf
 from nbllm.models.attention import DenseKVCache
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
+from nbllm.models.placement import PlacementError, layer_places
 from nbllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -89,6 +91,7 @@ class LLM:
             raise NbllmError("kv_offload_gb does not work with tensor parallelism yet; use tensor_parallel_size=1")
         path = Path(model) if model is not None else default_model_path()
         dev = resolve_device(device)
+        _check_n_gpu_layers(n_gpu_layers, device, dev, tensor_parallel_size * data_parallel_size)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         self.model_path = path
         self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
@@ -106,14 +109,12 @@ class LLM:
             self._ids = itertools.count()
             self._close = weakref.finalize(self, self.engine.close)
             return
-        self.model, self.config, self.tokenizer, workers = _load(path, dev, dtype, tensor_parallel_size, block_size)
+        self.model, self.config, self.tokenizer, workers = _load(path, dev, dtype, tensor_parallel_size, block_size,
+                                                                 n_gpu_layers)
         if workers is not None:
             self._close = weakref.finalize(self, workers.close)
         max_len = min(max_model_len or self.config.max_positions, self.config.max_positions)
-        memory = _CPU_KV_BYTES if dev.type == "cpu" else int(torch.cuda.mem_get_info(dev)[0] * 0.8)
-        # Sized by the model's own config: a tensor-parallel shard caches only its share of the heads.
-        num_blocks = num_blocks_for(self.model.config, block_size, dtype, kv_cache_tokens=kv_cache_tokens,
-                                    memory_bytes=memory)
+        num_blocks = _num_kv_blocks(self.model, block_size, kv_cache_tokens)
         if workers is not None:
             num_blocks = workers.group.min_int(num_blocks)
         scheduler_config = SchedulerConfig(
@@ -249,8 +250,8 @@ class LLM:
             offset += len(ids)
         if not rows:
             return [[] for _ in seqs]
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])
-        picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=logits.device)[:, None])
         values = picked[:, 0].tolist()
         out, at = [], 0
         for ids, start in zip(seqs, starts):
@@ -290,8 +291,38 @@ class LLM:
         self.engine.reset_prefix_cache()
 
 
+def _check_n_gpu_layers(n_gpu_layers: int | None, asked: str | torch.device, device: torch.device,
+                        processes: int) -> None:
+    """`n_gpu_layers` splits one in-process model between the CPU and a GPU: nothing else to split with, and
+    no GPU on an explicit `device="cpu"` (on `"auto"` without CUDA it is ignored, as llama.cpp does)."""
+    if n_gpu_layers is None:
+        return
+    if processes != 1:
+        raise PlacementError("n_gpu_layers splits one model between the CPU and a GPU; leave it out with "
+                             "tensor_parallel_size or data_parallel_size above 1")
+    if n_gpu_layers != 0 and device.type == "cpu" and str(asked) != "auto":
+        raise PlacementError(f"n_gpu_layers={n_gpu_layers} puts layers on a GPU but device={str(asked)!r}; "
+                             "use device='cuda' or leave n_gpu_layers out")
+
+
+def _num_kv_blocks(model: CausalLM, block_size: int, kv_cache_tokens: int | None) -> int:
+    """KV blocks for `kv_cache_tokens`, else as many as fit each device's budget (CPU: 1 GiB; CUDA: 80% of what
+    is free) with the K/V of the layers there. Sized by the model's own config: a tensor-parallel shard caches
+    only its share of the heads."""
+    config = model.config
+    if kv_cache_tokens is not None:
+        return num_blocks_for(config, block_size, torch.float32, kv_cache_tokens=kv_cache_tokens, memory_bytes=0)
+    per_block: dict[torch.device, int] = {}
+    for place in layer_places(model):
+        layer_bytes = KVPool.bytes_per_block(config, block_size, place.dtype) // config.num_layers
+        per_block[place.device] = per_block.get(place.device, 0) + layer_bytes
+    budget = {dev: _CPU_KV_BYTES if dev.type == "cpu" else int(torch.cuda.mem_get_info(dev)[0] * 0.8)
+              for dev in per_block}
+    return max(1, min(budget[dev] // size for dev, size in per_block.items()))
+
+
 def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_size: int, block_size: int,
-          ) -> tuple[CausalLM, ModelConfig, Tokenizer, TensorParallelWorkers | None]:
+          n_gpu_layers: int | None) -> tuple[CausalLM, ModelConfig, Tokenizer, TensorParallelWorkers | None]:
     """Model and tokenizer from one open GGUF (its header is parsed once); with tensor parallelism, rank 0's
     shard and the started workers."""
     if path.is_dir():
@@ -299,7 +330,7 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_
     file = open_gguf(path)
     tokenizer = Tokenizer.from_metadata(file.metadata)
     if tensor_parallel_size == 1:
-        model, config = load_model(file, device=device, dtype=dtype)
+        model, config = load_model(file, device=device, dtype=dtype, n_gpu_layers=n_gpu_layers)
         return model, config, tokenizer, None
     from nbllm.distributed.tensor_parallel import start_tensor_parallel
 

@@ -7,12 +7,15 @@ The model sees only the `AttentionBackend` seam: on the CPU `PagedAttention` sto
 mapping and attends through the block tables in torch (`nbllm.kernels.paged_attention`); on CUDA
 `TritonPagedAttention` does the same with the Triton kernels, and steps where every sequence decodes one token
 replay a CUDA graph (`nbllm.engine.cuda_graphs`), so a decode step is a handful of launches, not thousands.
+A model whose layers are split between the CPU and a GPU (`nbllm.models.placement`) gets each layer's backend on
+its own device (`PerLayerAttention`), runs eagerly (no CUDA graphs) and hands its logits over on the CPU.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -27,19 +30,22 @@ from nbllm.kernels.paged_attention import (
     run_paged_attention,
     store_kv,
 )
+from nbllm.models.attention import AttentionBackend
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
+from nbllm.models.placement import Place, layer_places
 
 
 class KVPool:
-    """K and V blocks of every layer, on the model's device."""
+    """K and V blocks of every layer, each layer's on its place (device and dtype): the model's, or per layer for
+    a model split over devices. One block id addresses the same slots in every layer, wherever it lives."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, places: Seq[Place]) -> None:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Uninitialised on purpose: zeroing a GiB costs a second at start-up, and attention never reads a slot
         # before it is written (stale slots inside gathered blocks are zeroed by the kernel).
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for p in places]
+        self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for p in places]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
@@ -51,9 +57,12 @@ class KVPool:
         """Copy-on-write: give each `dst` block the K/V of its `src` before a sequence writes into it."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.k[0].device)
-        dst = torch.tensor([d for _, d in copies], device=self.k[0].device)
+        indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for cache in (*self.k, *self.v):
+            if cache.device not in indices:
+                indices[cache.device] = (torch.tensor([s for s, _ in copies], device=cache.device),
+                                         torch.tensor([d for _, d in copies], device=cache.device))
+            src, dst = indices[cache.device]
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
@@ -120,6 +129,17 @@ class TritonPagedAttention:
             q, k_cache, v_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
             context_lens=self.context_lens, max_query_len=self.max_query_len, scale=scale,
             sliding_window=sliding_window)
+
+
+@dataclass
+class PerLayerAttention:
+    """The backend of a model split over devices: each layer attends through its own device's backend."""
+
+    backends: Seq[AttentionBackend]  # one per layer
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        return self.backends[layer].forward(layer, q, k, v, scale=scale, sliding_window=sliding_window)
 
 
 @dataclass
@@ -191,7 +211,8 @@ class ModelRunner:
         self.model, self.config = model, config
         self.device = model.device
         # The model's own config: a tensor-parallel shard holds (and caches K/V for) only its share of the heads.
-        self.pool = KVPool(model.config, num_blocks, block_size, dtype=model.norm.weight.dtype, device=self.device)
+        self.places = layer_places(model)
+        self.pool = KVPool(model.config, num_blocks, block_size, places=self.places)
         #: Set on rank 0 of a tensor-parallel group (`nbllm.distributed`): entered around each step, it first sends
         #: the step's copies and inputs to the other ranks, so every rank runs `run` with the same arguments, and
         #: keeps an interrupt from leaving the ranks halfway through the step.
@@ -232,6 +253,24 @@ class ModelRunner:
         def put(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(dev, non_blocking=True)
 
+        # One backend per place, not per device: a backend's plans may depend on its pools' dtype.
+        backends = {p: self._attention(inputs, p.device) for p in dict.fromkeys(self.places)}
+        attn = next(iter(backends.values())) if len(backends) == 1 else PerLayerAttention(
+            [backends[p] for p in self.places])
+        hidden = self.model(put(inputs.ids), put(inputs.positions), attn)
+        rows = inputs.logit_rows
+        if not rows:
+            return hidden.new_empty((0, self.config.vocab_size))
+        if rows != list(range(hidden.shape[0])):
+            hidden = hidden[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)]
+        return self.model.compute_logits(hidden).to(dev)  # a split model's head is on another device
+
+    def _attention(self, inputs: StepInputs, dev: torch.device) -> PagedAttention | TritonPagedAttention:
+        """This step's backend for the layers on `dev`: the Triton kernels on CUDA, torch elsewhere."""
+
+        def put(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(dev, non_blocking=True)
+
         if dev.type == "cuda":
             num_splits = None
             if inputs.is_decode:
@@ -239,18 +278,10 @@ class ModelRunner:
 
                 num_splits = default_num_splits(len(inputs.logit_rows), self.model.config.num_kv_heads,
                                                 torch.cuda.get_device_properties(dev).multi_processor_count)
-            attn = TritonPagedAttention(
+            return TritonPagedAttention(
                 pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
                 cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens),
                 max_query_len=int(np.diff(inputs.cu_query_lens).max()), num_splits=num_splits)
-        else:
-            attn = PagedAttention(
-                pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
-                cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens))
-        hidden = self.model(put(inputs.ids), put(inputs.positions), attn)
-        rows = inputs.logit_rows
-        if not rows:
-            return hidden.new_empty((0, self.config.vocab_size))
-        if rows != list(range(hidden.shape[0])):
-            hidden = hidden[put(np.asarray(rows, dtype=np.int64))]
-        return self.model.compute_logits(hidden)
+        return PagedAttention(
+            pool=self.pool, slot_mapping=put(inputs.slots), block_tables=put(inputs.block_tables),
+            cu_query_lens=put(inputs.cu_query_lens), context_lens=put(inputs.context_lens))

@@ -7,6 +7,8 @@ standard attention and MLP blocks from GGUF-named tensors, and exposes the engin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,9 @@ from nbllm.models.config import ModelConfig
 from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
 from nbllm.models.quantized_linear import Int8Linear
 from nbllm.models.weights import WeightSource
+
+if TYPE_CHECKING:
+    from nbllm.models.placement import LayerPlacement
 
 
 def build_norm(config: ModelConfig, weights: WeightSource, name: str, dim: int | None = None) -> RMSNorm:
@@ -61,6 +66,8 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, weights: WeightSource) -> None:
         super().__init__()
         c = self.config = config
+        #: Set when the parts run on different devices (`nbllm.models.placement`); None: all on `device`.
+        self.placement: LayerPlacement | None = None
         # The token table, built as a linear layer over it: a tied head *is* that layer, one copy of the biggest
         # tensor. Dense, it is kept as the tensor; int8 (CPU), as the `Int8Linear`, whose `rows` embed tokens.
         table = weights.linear("token_embd", c.vocab_size, c.hidden_size, bias=False)
@@ -101,8 +108,13 @@ class CausalLM(nn.Module):
         h = self.embed(input_ids)
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
-        for layer in self.layers:
+        crossings = self.placement.crossings if self.placement is not None else {}
+        for i, layer in enumerate(self.layers):
+            if i in crossings:  # the hidden state moves to the next part's device
+                h, positions = h.to(crossings[i].device, crossings[i].dtype), positions.to(crossings[i].device)
             h = layer(h, positions, attn)
+        if (head := crossings.get(len(self.layers))) is not None:
+            h = h.to(head.device, head.dtype)
         return self.norm(h)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
