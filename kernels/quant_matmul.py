@@ -1,0 +1,430 @@
+"""`y = x @ W^T` in Triton with W kept in its GGUF quantized bits (Q4_K, Q5_0, Q6_K, Q8_0).
+
+Why: batch-1 decode reads every weight once per token, so its time is the weight bytes over memory bandwidth.
+Dequantizing to bf16 quadruples those bytes (Q4_K: 4.5 bits a weight against 16); reading the packed bits keeps
+decode at the quantized size.
+
+Layout (`pack`): a GGUF tensor is rows of back-to-back blocks whose byte sizes (22, 34, 144, 210) leave fields
+unaligned, so the blocks are split once into planes, one per field, each row-major over the weight rows: the
+packed codes as int32 words (4-byte aligned, 16-byte vector loads), the 5th/high bits, the sub-block scales as the
+file stores them (Q4_K's 12-byte 6-bit field stays packed) and the f16 super-scales. The same bits, the same byte
+count: nothing is decoded ahead of time. `nbllm.gguf.quants` documents the block formats.
+
+Two paths:
+
+* GEMV (`quant_gemv`, few input rows: decode). Like llama.cpp's CUDA `mmvq`, each program quantizes its input
+  row to int8 in groups of 32 (`x ≈ dx * xq`, `dx = max|x| / 127`) and takes the dot products of 4 codes at a
+  time with `dp4a` (one instruction for 4 multiply-adds) in int32; the group scales multiply the integer sums.
+  Unpacking and converting every weight to float instead costs ~4 instructions a weight, which at HBM3 rates is
+  more than the SMs can issue. The price is the input's 8-bit rounding: the error of one output is at most
+  `sum_k |s_g q_k| * dx_g / 2` (code term `s_g q_k` of each weight, `dx_g` of its input group), the bound the
+  tests check. Q4_K's minimum term uses the exact fp32 sum of x instead.
+* GEMM (`quant_gemm`, prefill): each program dequantizes a [BLOCK_K, BLOCK_N] weight tile in registers, element
+  by element as `nbllm.gguf.quants` decodes it (fp32, same operation order), rounds it to the input's dtype and
+  feeds `tl.dot`; the tile's bytes are reused by BLOCK_M input rows. fp32 inputs use exact fp32 dots.
+
+The torch reference is the dequantized weight times x in fp32 (`nbllm.models.gpu_quant_linear` builds it from
+the GGUF dequantizer, which this package must not import). Under `TRITON_INTERPRET=1` the dp4a instruction
+(inline PTX) is emulated with byte shifts, so the same kernels run on the CPU for tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["BLOCK_BYTES", "GEMV_MAX_ROWS", "PackedWeight", "pack", "quant_gemm", "quant_gemv", "quant_matmul",
+           "random_blocks"]
+
+#: Weights and bytes of one block of each supported type (GGML_QUANT_SIZES).
+BLOCK_BYTES: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q5_0": (32, 22), "q6_k": (256, 210), "q8_0": (32, 34)}
+#: Input rows up to which `quant_matmul` takes the GEMV path (each row re-reads the weights, mostly from L2).
+GEMV_MAX_ROWS = 8
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One GGUF weight `[n, k]` split into per-field planes (see the module docstring), on one device."""
+
+    kind: str  # a key of BLOCK_BYTES
+    n: int
+    k: int
+    planes: tuple[torch.Tensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a full pass reads: the GGUF size of the tensor."""
+        return sum(p.numel() * p.element_size() for p in self.planes)
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return PackedWeight(self.kind, self.n, self.k, tuple(p.to(device) for p in self.planes))
+
+
+def pack(blocks: torch.Tensor, kind: str, k: int) -> PackedWeight:
+    """Split a GGUF tensor's bytes (`blocks`: uint8 `[n, row_bytes]` or flat) of `kind` with rows of `k` weights.
+
+    Runs where `blocks` is (pack on the GPU: a few slicing copies). Row permutations (llama.cpp's q/k order) are
+    best applied to `blocks` before: rows are whole blocks.
+    """
+    if kind not in BLOCK_BYTES:
+        raise ValueError(f"unsupported kind {kind!r}; expected one of {sorted(BLOCK_BYTES)}")
+    qk, size = BLOCK_BYTES[kind]
+    if k % qk or blocks.dtype != torch.uint8 or blocks.numel() % (k // qk * size):
+        raise ValueError(f"{kind} rows of {k} weights need uint8 blocks of {k // qk * size} bytes a row")
+    n = blocks.numel() // (k // qk * size)
+    b = blocks.reshape(n, k // qk, size)
+
+    def field(a: int, z: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        return b[:, :, a:z].contiguous().view(dtype).reshape(n, -1)
+
+    if kind == "q8_0":  # d | qs[32]
+        planes = (field(2, 34, torch.int32), field(0, 2, torch.float16))
+    elif kind == "q5_0":  # d | qh[4] | qs[16]
+        planes = (field(6, 22, torch.int32), field(2, 6, torch.int32), field(0, 2, torch.float16))
+    elif kind == "q4_k":  # d | dmin | scales[12] | qs[128]
+        planes = (field(16, 144, torch.int32), field(4, 16), field(0, 4, torch.float16))
+    else:  # q6_k: ql[128] | qh[64] | scales[16] (int8) | d
+        planes = (field(0, 128, torch.int32), field(128, 192, torch.int32), field(192, 208, torch.int8),
+                  field(208, 210, torch.float16))
+    return PackedWeight(kind, n, k, planes)
+
+
+# Where each block's f16 scale fields sit, and a typical magnitude for them (weights of ~0.02-0.1).
+_F16_FIELDS: dict[str, tuple[tuple[int, float], ...]] = {
+    "q8_0": ((0, 2e-4),), "q5_0": ((0, 2e-3),), "q4_k": ((0, 1e-4), (2, 1e-4)), "q6_k": ((208, 2e-5),)}
+
+
+def random_blocks(kind: str, n: int, k: int, *, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Valid GGUF bytes (uint8 `[n, row_bytes]`) of a random `[n, k]` weight: random codes and sub-block scales,
+    f16 super-scales in a realistic range. For tests and for benchmarks of model-sized weights (quantizing real
+    values with gguf-py takes minutes at 8B)."""
+    qk, size = BLOCK_BYTES[kind]
+    b = torch.randint(0, 256, (n, k // qk, size), dtype=torch.uint8, generator=generator, device=device)
+    for offset, scale in _F16_FIELDS[kind]:
+        d = torch.rand((n, k // qk, 1), generator=generator, device=device).add_(0.5).mul_(scale)
+        b[:, :, offset : offset + 2] = d.to(torch.float16).view(torch.uint8)
+    return b.view(n, -1)
+
+
+# --------------------------------------------------------------------------------------------------- shared parts
+
+
+@triton.jit
+def _dot4(a, b, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """Per int32 lane: the sum of the 4 byte products of `a` (signed or unsigned bytes) and `b` (signed bytes)."""
+    a, b = tl.broadcast(a, b)
+    if ASM:
+        if SIGNED_A:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    acc = tl.zeros_like(a)
+    for i in tl.static_range(4):
+        if SIGNED_A:
+            ai = (a << (24 - 8 * i)) >> 24
+        else:
+            ai = (a >> (8 * i)) & 0xFF
+        acc += ai * ((b << (24 - 8 * i)) >> 24)
+    return acc
+
+
+@triton.jit
+def _pack4(q, AXIS: tl.constexpr):
+    """int32 [..., 4] (AXIS: the last) of values in -128..255 -> int32 [...] holding them as little-endian bytes."""
+    shift = 8 * tl.arange(0, 4)
+    return tl.sum((q & 0xFF) << shift, axis=AXIS)
+
+
+@triton.jit
+def _int8_codes(x, amax, AXIS: tl.constexpr):
+    """x [..., W] (AXIS: the last) in groups of max |x| `amax` [...] -> (int32 codes round(x * 127 / amax),
+    their scale amax / 127); all-zero groups give zero codes."""
+    inv = 127.0 / tl.maximum(amax, 1e-30)
+    q = tl.floor(x * tl.expand_dims(inv, AXIS) + 0.5).to(tl.int32)
+    return q, amax / 127.0
+
+
+@triton.jit
+def _k_scale_min(base, j):
+    """Q4_K's 6-bit scale and min of sub-block `j` (0..7) from the 12-byte field at `base` (as quants._k_scale_min)."""
+    a = tl.load(base + j).to(tl.int32)
+    b = tl.load(base + j + 4).to(tl.int32)
+    c = tl.load(base + (j % 4)).to(tl.int32)
+    low = j < 4
+    sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+    mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _spread_bits(nib):
+    """int32 of 4 bits b0..b3 -> bit i moved to bit 0 of byte i (copies at offsets 0, 7, 14, 21 never carry)."""
+    return (nib * 0x00204081) & 0x01010101
+
+
+@triton.jit
+def _rows(N, BLOCK_N: tl.constexpr):
+    """This program's output rows, their store mask, and the rows to read (clamped: loads need no mask)."""
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+
+
+# --------------------------------------------------------------------------------------------------- GEMV kernels
+# Grid (M, cdiv(N, BLOCK_N)): the M programs of one row tile run side by side, so extra input rows read the
+# tile's weights from L2. Each iteration covers S super-blocks (256 weights each); the super-block index is
+# clamped for weight loads and masked for x loads (x = 0 contributes nothing). The blocks a row (NSB, NB; K for
+# the GEMM) are compile-time constants: a model has two or three distinct K, and Triton's interpreter cannot
+# loop up to a run-time argument (numpy 2.4).
+
+
+@triton.jit
+def _gemv_q4_k(x_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_y,
+               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    rows, ok, r = _rows(N, BLOCK_N)
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    c = tl.arange(0, 4)  # 64-weight chunk: its low nibbles are sub-block 2c, its high nibbles 2c + 1
+    t = tl.arange(0, 8)
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for sb0 in range(0, NSB, S):
+        sb = sb0 + tl.arange(0, S)
+        sbc = tl.minimum(sb, NSB - 1)
+        x_off = (sb * 256)[:, None, None] + (64 * c)[None, :, None] + j[None, None, :]  # [S, 4, 32]
+        x_ok = (sb < NSB)[:, None, None]
+        xe = tl.load(x_row + x_off, mask=x_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + x_off + 32, mask=x_ok, other=0.0).to(tl.float32)
+        qe, dxe = _int8_codes(xe, tl.max(tl.abs(xe), axis=2), 2)
+        qo, dxo = _int8_codes(xo, tl.max(tl.abs(xo), axis=2), 2)
+        we = _pack4(tl.reshape(qe, (S, 4, 8, 4)), 3)
+        wo = _pack4(tl.reshape(qo, (S, 4, 8, 4)), 3)
+        w = tl.load(qs_ptr + r[:, None, None, None] * (NSB * 32) + (sbc * 32)[None, :, None, None]
+                    + (8 * c)[None, None, :, None] + t[None, None, None, :])  # [BN, S, 4, 8]
+        de = tl.sum(_dot4(w & 0x0F0F0F0F, we[None], False, ASM), axis=3).to(tl.float32)
+        do = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, wo[None], False, ASM), axis=3).to(tl.float32)
+        sc_base = sc_ptr + r[:, None, None] * (NSB * 12) + (sbc * 12)[None, :, None]
+        sce, mne = _k_scale_min(sc_base, (2 * c)[None, None, :])
+        sco, mno = _k_scale_min(sc_base, (2 * c + 1)[None, None, :])
+        dm = dm_ptr + r[:, None] * (NSB * 2) + (sbc * 2)[None, :]
+        d = tl.load(dm).to(tl.float32)
+        dmin = tl.load(dm + 1).to(tl.float32)
+        codes = tl.sum(sce * dxe[None] * de + sco * dxo[None] * do, axis=2)
+        mins = tl.sum(mne * tl.sum(xe, axis=2)[None] + mno * tl.sum(xo, axis=2)[None], axis=2)
+        acc += tl.sum(d * codes - dmin * mins, axis=1)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gemv_q6_k(x_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_y,
+               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    # Weight 128h + 32c + 4t + i (h: half, c: 0..3, t: word, i: byte) has its low 4 bits in ql word
+    # 16h + 8(c % 2) + t, nibble c // 2, and its high 2 bits in qh word 8h + t, bits 2c; scale (w // 16).
+    rows, ok, r = _rows(N, BLOCK_N)
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    h = tl.arange(0, 2)
+    t = tl.arange(0, 8)
+    j = tl.arange(0, 32)
+    f = tl.arange(0, S * 4)  # (super-block, half, 16-group within the 32) flattened
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for sb0 in range(0, NSB, S):
+        sb = sb0 + tl.arange(0, S)
+        sbc = tl.minimum(sb, NSB - 1)
+        word = (sbc * 32)[None, :, None, None] + (16 * h)[None, None, :, None] + t[None, None, None, :]
+        ql_a = tl.load(ql_ptr + r[:, None, None, None] * (NSB * 32) + word)  # [BN, S, 2, 8], c even
+        ql_b = tl.load(ql_ptr + r[:, None, None, None] * (NSB * 32) + word + 8)  # c odd
+        qh = tl.load(qh_ptr + r[:, None, None, None] * (NSB * 16) + (sbc * 16)[None, :, None, None]
+                     + (8 * h)[None, None, :, None] + t[None, None, None, :])
+        sb_f = tl.minimum(sb0 + f // 4, NSB - 1)
+        d = tl.load(d_ptr + r[:, None] * NSB + sb_f[None, :]).to(tl.float32)  # [BN, S*4]
+        for c in tl.static_range(4):
+            x_off = (sb * 256)[:, None, None] + (128 * h)[None, :, None] + 32 * c + j[None, None, :]  # [S, 2, 32]
+            x = tl.load(x_row + x_off, mask=(sb < NSB)[:, None, None], other=0.0).to(tl.float32)
+            q, dx = _int8_codes(x, tl.max(tl.abs(x), axis=2), 2)
+            xw = _pack4(tl.reshape(q, (S, 2, 8, 4)), 3)
+            xsum = tl.reshape(tl.sum(tl.reshape(q, (S, 2, 2, 16)), axis=3), (S * 4,))
+            dx_f = tl.reshape(tl.broadcast_to(dx[:, :, None], (S, 2, 2)), (S * 4,))
+            if c % 2 == 0:
+                lo = ql_a
+            else:
+                lo = ql_b
+            lo = (lo >> (4 * (c // 2))) & 0x0F0F0F0F
+            codes = lo | (((qh >> (2 * c)) & 0x03030303) << 4)
+            dots = tl.sum(tl.reshape(_dot4(codes, xw[None], False, ASM), (BLOCK_N, S * 4, 4)), axis=2)
+            sc = tl.load(sc_ptr + r[:, None] * (NSB * 16) + (sb_f * 16 + 8 * ((f // 2) % 2) + 2 * c + f % 2)[None, :])
+            acc += tl.sum(d * sc.to(tl.float32) * dx_f[None] * (dots - 32 * xsum[None]).to(tl.float32), axis=1)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gemv_q5_0(x_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_y,
+               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    # Block of 32: qs word t holds weights 4t..4t+3 (low nibbles) and 16+4t.. (high); qh bit i is weight i's 5th.
+    G: tl.constexpr = 8 * S
+    rows, ok, r = _rows(N, BLOCK_N)
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    t = tl.arange(0, 4)
+    j = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for b0 in range(0, NB, G):
+        blk = b0 + tl.arange(0, G)
+        bc = tl.minimum(blk, NB - 1)
+        x_off = (blk * 32)[:, None] + j[None, :]
+        xl = tl.load(x_row + x_off, mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
+        xh = tl.load(x_row + x_off + 16, mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
+        cl, dx = _int8_codes(xl, amax, 1)
+        ch, _ = _int8_codes(xh, amax, 1)
+        xsum = tl.sum(cl, axis=1) + tl.sum(ch, axis=1)
+        w = tl.load(qs_ptr + r[:, None, None] * (NB * 4) + (bc * 4)[None, :, None] + t[None, None, :])  # [BN, G, 4]
+        hb = tl.load(qh_ptr + r[:, None] * NB + bc[None, :])[:, :, None]
+        lo = (w & 0x0F0F0F0F) | (_spread_bits((hb >> (4 * t)) & 15) << 4)
+        hi = ((w >> 4) & 0x0F0F0F0F) | (_spread_bits((hb >> (16 + 4 * t)) & 15) << 4)
+        dots = tl.sum(_dot4(lo, _pack4(tl.reshape(cl, (G, 4, 4)), 2)[None], False, ASM)
+                      + _dot4(hi, _pack4(tl.reshape(ch, (G, 4, 4)), 2)[None], False, ASM), axis=2)
+        d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
+        acc += tl.sum(d * dx[None] * (dots - 16 * xsum[None]).to(tl.float32), axis=1)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gemv_q8_0(x_ptr, qs_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_y,
+               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    G: tl.constexpr = 8 * S
+    rows, ok, r = _rows(N, BLOCK_N)
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    t = tl.arange(0, 8)
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for b0 in range(0, NB, G):
+        blk = b0 + tl.arange(0, G)
+        bc = tl.minimum(blk, NB - 1)
+        x = tl.load(x_row + (blk * 32)[:, None] + j[None, :], mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
+        q, dx = _int8_codes(x, tl.max(tl.abs(x), axis=1), 1)
+        w = tl.load(qs_ptr + r[:, None, None] * (NB * 8) + (bc * 8)[None, :, None] + t[None, None, :])  # [BN, G, 8]
+        dots = tl.sum(_dot4(w, _pack4(tl.reshape(q, (G, 8, 4)), 2)[None], True, ASM), axis=2)
+        d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
+        acc += tl.sum(d * dx[None] * dots.to(tl.float32), axis=1)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_GEMV = {"q4_k": _gemv_q4_k, "q5_0": _gemv_q5_0, "q6_k": _gemv_q6_k, "q8_0": _gemv_q8_0}
+
+
+# --------------------------------------------------------------------------------------------------- GEMM kernel
+
+
+@triton.jit
+def _dequant(p0, p1, p2, p3, r, k, K, KIND: tl.constexpr):
+    """fp32 weights W[r, k] (r: [1, BN] int64 rows, k: [BK, 1] columns), decoded as nbllm.gguf.quants does."""
+    if KIND == "q8_0":  # p0: codes int8 [N, K], p1: d [N, K/32]
+        q = tl.load(p0 + r * K + k).to(tl.float32)
+        return q * tl.load(p1 + r * (K // 32) + k // 32).to(tl.float32)
+    elif KIND == "q5_0":  # p0: qs bytes [N, K/2], p1: qh int32 [N, K/32], p2: d
+        blk = k // 32
+        i = k % 32
+        nib = (tl.load(p0 + r * (K // 2) + blk * 16 + i % 16).to(tl.int32) >> (4 * (i // 16))) & 15
+        hb = (tl.load(p1 + r * (K // 32) + blk) >> i) & 1
+        d = tl.load(p2 + r * (K // 32) + blk).to(tl.float32)
+        return d * ((nib | (hb << 4)) - 16).to(tl.float32)
+    elif KIND == "q4_k":  # p0: qs bytes [N, K/2], p1: scales [N, K/256*12], p2: (d, dmin) [N, K/256*2]
+        sb = k // 256
+        i = k % 256
+        q = (tl.load(p0 + r * (K // 2) + sb * 128 + 32 * (i // 64) + i % 32).to(tl.int32) >> (4 * ((i // 32) % 2))) & 15
+        sc, mn = _k_scale_min(p1 + r * (K // 256 * 12) + sb * 12, i // 32)
+        d = tl.load(p2 + r * (K // 128) + sb * 2).to(tl.float32)
+        dmin = tl.load(p2 + r * (K // 128) + sb * 2 + 1).to(tl.float32)
+        return (d * sc) * q.to(tl.float32) - (dmin * mn)
+    else:  # q6_k, p0: ql bytes [N, K/2], p1: qh bytes [N, K/4], p2: scales int8 [N, K/16], p3: d [N, K/256]
+        sb = k // 256
+        i = k % 256
+        h = i // 128
+        c = (i % 128) // 32
+        lo = (tl.load(p0 + r * (K // 2) + sb * 128 + 64 * h + 32 * (c % 2) + i % 32).to(tl.int32) >> (4 * (c // 2))) & 15
+        hi = (tl.load(p1 + r * (K // 4) + sb * 64 + 32 * h + i % 32).to(tl.int32) >> (2 * c)) & 3
+        sc = tl.load(p2 + r * (K // 16) + k // 16).to(tl.float32)
+        d = tl.load(p3 + r * (K // 256) + sb).to(tl.float32)
+        return (d * sc) * ((lo | (hi << 4)) - 32).to(tl.float32)
+
+
+@triton.jit
+def _gemm(x_ptr, p0, p1, p2, p3, y_ptr, M, N, K: tl.constexpr, stride_x, stride_y, KIND: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): the row-block programs of one weight tile run together (L2 reuse).
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.minimum(n, N - 1).to(tl.int64)[None, :]
+    x_rows = x_ptr + tl.minimum(m, M - 1).to(tl.int64)[:, None] * stride_x
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        x = tl.load(x_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
+        w = _dequant(p0, p1, p2, p3, r, tl.minimum(k, K - 1)[:, None], K, KIND)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+    ok = (m < M)[:, None] & (n < N)[None, :]
+    tl.store(y_ptr + m.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------- host side
+
+
+def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    if x.shape[-1] != w.k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {w.k}")
+    rows = x.reshape(-1, w.k)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
+    """Launch shape: S * 256 weights a row per iteration, and the widest row tile that still gives every SM
+    several programs (decode's small matrices need the programs, its large ones the wide tiles). The CPU
+    interpreter runs one program at a time: one wide tile a row."""
+    if device.type != "cuda":
+        return {"BLOCK_N": 64, "S": 2, "num_warps": 4}
+    block_n = 16
+    while block_n > 2 and triton.cdiv(w.n, block_n) < 4 * torch.cuda.get_device_properties(device).multi_processor_count:
+        block_n //= 2
+    return {"BLOCK_N": block_n, "S": 4 if w.kind in ("q4_k", "q6_k") else 2, "num_warps": 4}
+
+
+def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:
+    """`x @ W^T` for a few rows of `x` (`[..., k]`, any float dtype; output in x's dtype) on the GEMV path."""
+    rows = _flat(x, w)
+    y = torch.empty((rows.shape[0], w.n), dtype=x.dtype, device=x.device)
+    if rows.shape[0] and w.n:
+        cfg = config or gemv_config(w, x.device)
+        qk = BLOCK_BYTES[w.kind][0]
+        grid = (rows.shape[0], triton.cdiv(w.n, cfg["BLOCK_N"]))
+        _GEMV[w.kind][grid](rows, *w.planes, y, w.n, w.k // qk, rows.stride(0), y.stride(0),
+                            BLOCK_N=cfg["BLOCK_N"], S=cfg["S"], ASM=not _INTERPRET, num_warps=cfg["num_warps"])
+    return y.view(*x.shape[:-1], w.n)
+
+
+def quant_gemm(x: torch.Tensor, w: PackedWeight, *, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """`x @ W^T` on the GEMM path (prefill): bf16/fp16 inputs multiply W rounded to their dtype, fp32 exactly."""
+    rows = _flat(x, w)
+    y = torch.empty((rows.shape[0], w.n), dtype=x.dtype, device=x.device)
+    if rows.shape[0] and w.n:
+        planes = list(w.planes)  # the code planes as bytes: the GEMM decodes element by element
+        planes[0] = planes[0].view(torch.int8 if w.kind == "q8_0" else torch.uint8)
+        if w.kind == "q6_k":
+            planes[1] = planes[1].view(torch.uint8)
+        planes += [planes[0]] * (4 - len(planes))
+        grid = (triton.cdiv(rows.shape[0], block_m), triton.cdiv(w.n, block_n))
+        _gemm[grid](rows, *planes, y, rows.shape[0], w.n, w.k, rows.stride(0), y.stride(0), KIND=w.kind,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+                    PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+    return y.view(*x.shape[:-1], w.n)
+
+
+def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """`x @ W^T`: the GEMV path up to `GEMV_MAX_ROWS` input rows, the GEMM path beyond."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return quant_gemv(x, w) if rows <= GEMV_MAX_ROWS else quant_gemm(x, w)
