@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session for issue 7: install, kernel tests, same-answers tests, the throughput benchmark.
 # Logs go to $OUT (the device tool brings them back). Usage: bash benchmarks/gpu_session.sh [STAGES] [BENCH ARGS...]
-# STAGES: comma list of kernels,engine,bench (default all three).
+# STAGES: comma list of kernels,engine,bench (default all three). TESTS_K: a pytest -k filter for both test stages.
 set -u
 stages=${1:-kernels,engine,bench}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,11 +12,11 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } \
   | tee "$OUT/env.log"
 if [[ $stages == *kernels* ]]; then
-  timeout ${KERNEL_TIMEOUT:-150} python3 -m pytest -q -x -p no:cacheprovider -o addopts=-ra tests/test_kernels_gpu.py >"$OUT/kernels.log" 2>&1
+  timeout ${KERNEL_TIMEOUT:-150} python3 -m pytest -q -x -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_kernels_gpu.py >"$OUT/kernels.log" 2>&1
   echo "kernels rc=$?"; tail -4 "$OUT/kernels.log"
 fi
 if [[ $stages == *engine* ]]; then
-  timeout ${ENGINE_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_gpu_engine.py >"$OUT/engine.log" 2>&1
+  timeout ${ENGINE_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu_engine.py >"$OUT/engine.log" 2>&1
   echo "engine rc=$?"; tail -6 "$OUT/engine.log"
 fi
 if [[ $stages == *bench* ]]; then

@@ -14,6 +14,7 @@ layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936, tied embeddings, rope
 tokenizer is a placeholder SPM vocabulary of the same size: detokenizing costs what it costs, the text is noise.
 
     python benchmarks/gpu_throughput.py [--only a,b,c] [--models qwen3-0.6b,llama3-8b] [--hf-requests 32]
+                                        [--overlap on,off]
 """
 
 from __future__ import annotations
@@ -287,6 +288,7 @@ def main() -> None:
     parser.add_argument("--models", default="qwen3-0.6b,llama3-8b")
     parser.add_argument("--hf-requests", type=int, default=32, help="0 skips transformers")
     parser.add_argument("--profile", default="", help="write torch.profiler tables to PATH.<model>.batch*.txt")
+    parser.add_argument("--overlap", default="on", help="overlap scheduling for (a) and (b): on, off or on,off")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     device = torch.device("cuda")
@@ -313,14 +315,20 @@ def main() -> None:
                 sub_s = run_engine(engine, subset)
                 rows.append((name, f"(a) nbllm, {len(subset.prompts)} requests",
                              f"{subset.output_tokens / sub_s:,.0f} tok/s ({sub_s:.1f} s)"))
-            steps_before = engine.stats()["steps"]
-            seconds = run_engine(engine, work)
-            stats = engine.stats()
-            rows.append((name, "(a) nbllm, 256 requests (nano-vllm workload)",
-                         (f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, "
-                         f"{stats['steps'] - steps_before} steps, "
-                         f"{stats['preemptions']} preemptions)")))
-            print(rows[-1], flush=True)
+            for mode in args.overlap.split(","):
+                engine.overlap.enabled = mode == "on"
+                engine.reset_prefix_cache()  # no hits from the warm-up or the previous run
+                steps_before, preempted_before = engine.stats()["steps"], engine.stats()["preemptions"]
+                waited_before = engine.overlap.wait_seconds
+                seconds = run_engine(engine, work)
+                stats = engine.stats()
+                rows.append((name, f"(a) nbllm, 256 requests (nano-vllm workload), overlap {mode}",
+                             (f"{work.output_tokens / seconds:,.0f} tok/s ({seconds:.1f} s, "
+                             f"{stats['steps'] - steps_before} steps, "
+                             f"{stats['preemptions'] - preempted_before} preemptions, host waited "
+                             f"{engine.overlap.wait_seconds - waited_before:.1f} s for the device)")))
+                print(rows[-1], flush=True)
+            engine.overlap.enabled = True
             if args.profile:
                 profile_decode(engine, f"{args.profile}.{name}.batch256.txt")
             del engine
@@ -329,11 +337,14 @@ def main() -> None:
             free_memory()
             engine = make_engine(model, config, tokenizer, max_num_seqs=8)
             batch1_decode(engine, tokens=32)  # warm-up
-            tok_s = batch1_decode(engine)
             roof = bandwidth / weight_bytes(model)
-            rows.append((name, "(b) batch-1 decode",
-                         (f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
-                         f"({weight_bytes(model) / 1e9:.2f} GB of weights)")))
+            for mode in args.overlap.split(","):
+                engine.overlap.enabled = mode == "on"
+                tok_s = batch1_decode(engine)
+                rows.append((name, f"(b) batch-1 decode, overlap {mode}",
+                             (f"{tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline {roof:,.0f} tok/s "
+                             f"({weight_bytes(model) / 1e9:.2f} GB of weights)")))
+            engine.overlap.enabled = True
             replay = graph_replay_seconds(engine, 1)
             rows.append((name, "(b) batch-1 graph replay alone (the GPU's share of a step)",
                          (f"{replay * 1e3:.3f} ms = {1 / replay:,.0f} tok/s; the rest of a {1e3 / tok_s:.3f} ms step "

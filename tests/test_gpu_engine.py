@@ -56,3 +56,29 @@ def test_bf16_stays_close_to_the_cpu_engine(tiny_model, arch: str) -> None:
             assert abs(gpu_lp[step][got] - cpu_lp[step][want]) < 0.1
             agreed += 1
     assert agreed >= len(prompts) * TOKENS // 2  # mostly the same answers, not only up to early ties
+
+
+def test_overlap_scheduling_keeps_the_answers(tiny_model) -> None:
+    """Overlap scheduling (on by default on CUDA) against the same engine stepping synchronously, fp32: greedy,
+    seeded sampling, stop ids and log-probabilities; sequences that finish at different steps (one step late
+    with the overlap) release every block."""
+    from engine_helpers import assert_no_leak
+
+    path, _ = tiny_model("llama", "f32")
+    prompts = random_prompts(PROMPT_LENGTHS * 3, seed=9)
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=1,
+                             stop_token_ids=[5, 9] if i % 3 == 0 else None, ignore_eos=True)
+              for i in range(len(prompts))]
+    llm = LLM(path, device="cuda", dtype=torch.float32, kv_cache_tokens=4096)
+    assert llm.engine.overlap.enabled
+    got = llm.generate(prompts, params)
+    assert not llm.engine.has_unfinished()
+    assert_no_leak(llm)
+    llm.engine.overlap.enabled = False
+    want = llm.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
+        got_lp = [e[t] for t, e in zip(g.outputs[0].token_ids, g.outputs[0].logprobs)]
+        want_lp = [e[t] for t, e in zip(w.outputs[0].token_ids, w.outputs[0].logprobs)]
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)

@@ -20,6 +20,7 @@ from nbllm.engine.block_manager import BlockManager, BlockTable
 from nbllm.engine.kv_offload import HostKVPool
 from nbllm.engine.model_runner import KVPool, ModelRunner
 from nbllm.engine.outputs import RequestMetrics, RequestOutput
+from nbllm.engine.overlap import OverlapLoop
 from nbllm.engine.radix_cache import RadixCache, host_tier_stats
 from nbllm.engine.sampler import Sampler, SampleResult, SamplingBatch
 from nbllm.engine.sampling_params import SamplingParams
@@ -89,6 +90,8 @@ class EngineCore:
         self.totals = EngineStats()
         # Append the tokens a grammar forces without sampling them (`nbllm.constrain.jump_forward`).
         self.jump_forward = True
+        # Prepare step N+1 while the device runs step N (`nbllm.engine.overlap`); `overlap.enabled` switches it.
+        self.overlap = OverlapLoop(self, enabled=self.runner.device.type == "cuda")
 
     # ------------------------------------------------------------------ requests
 
@@ -162,12 +165,17 @@ class EngineCore:
                 self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.overlap.pending()
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        """Advance every scheduled sequence by one forward; returns outputs of requests that changed."""
+        """Advance every scheduled sequence by one forward; returns outputs of requests that changed (with
+        overlap scheduling, those of the step before: `nbllm.engine.overlap`)."""
+        if self.overlap.eligible():
+            return self.overlap.step()
+        if self.overlap.inflight is not None:  # a request the overlap cannot serve arrived: finish the last step
+            return self.overlap.drain()
         ready, logits = self.forward()
         touched: dict[str, Request] = {}
         targets = self._expand_forks(ready)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nbllm.engine.overlap import resolve_placeholders
 from nbllm.kernels.decode_attention import default_num_splits
 
 if TYPE_CHECKING:
@@ -43,19 +44,28 @@ class DecodeGraphs:
         self._inputs = torch.zeros((4, max_batch), dtype=torch.long, device=dev)
         self.ids, self.positions, self.slots, self.context_lens = self._inputs.unbind(0)
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=dev)
-        # Pinned host staging, so the copies are asynchronous.
-        self._host = torch.zeros((4, max_batch), dtype=torch.long).pin_memory()
-        self._host_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32).pin_memory()
+        # Pinned host staging, so the copies are asynchronous; two sets, used in turn, so that with overlap
+        # scheduling the host can fill step N+1's while step N's copy may still be queued (each set's event
+        # says when its last copy is done).
+        self._host = [torch.zeros((4, max_batch), dtype=torch.long).pin_memory() for _ in range(2)]
+        self._host_tables = [torch.zeros((max_batch, max_blocks), dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The logits `[B, vocab]` of a decode step (a view of the bucket's output buffer)."""
+    def run(self, inputs: StepInputs, placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits `[B, vocab]` of a decode step (a view of the bucket's output buffer); negative ids stand
+        for rows of `placeholders` (`nbllm.engine.overlap`)."""
         if not self._graphs:
             self.capture()
         batch = len(inputs.context_lens)  # a decode step: one sequence per context
         size = next(s for s in self.sizes if s >= batch)
-        host = self._host.numpy()
+        turn = self._turn
+        self._turn ^= 1
+        self._copied[turn].synchronize()  # this set's previous copy (two steps ago) is done
+        host_inputs, host_tables = self._host[turn], self._host_tables[turn]
+        host = host_inputs.numpy()
         host[:, :size] = 0  # padding rows: token 0 at position 0, context 0...
         host[2, batch:size] = -1  # ...and no slot
         host[0, :batch] = inputs.ids
@@ -63,9 +73,12 @@ class DecodeGraphs:
         host[2, :batch] = inputs.slots
         host[3, :batch] = inputs.context_lens
         width = inputs.block_tables.shape[1]
-        self._host_tables.numpy()[:batch, :width] = inputs.block_tables
-        self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
-        self.block_tables[:batch, :width].copy_(self._host_tables[:batch, :width], non_blocking=True)
+        host_tables.numpy()[:batch, :width] = inputs.block_tables
+        self._inputs[:, :size].copy_(host_inputs[:, :size], non_blocking=True)
+        self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
+        self._copied[turn].record()
+        if placeholders is not None:
+            resolve_placeholders(self.ids[:batch], placeholders)
         self._graphs[size].replay()
         return self._logits[size][:batch]
 

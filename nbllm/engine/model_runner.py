@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nbllm.engine.overlap import resolve_placeholders
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
 from nbllm.kernels.paged_attention import (
@@ -229,25 +230,29 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.pool, max_batch=max_graph_batch, max_blocks=max_blocks)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+    def execute(self, batch: ScheduledBatch, *,
+                placeholders: torch.Tensor | None = None) -> tuple[list[Sequence], torch.Tensor]:
         """Run the step; returns the sequences whose pending tokens are now all computed, and their logits rows.
 
         A ready sequence gets `1 + len(seq.spec_token_ids)` consecutive rows, in batch order: the next-token
         logits after its last token and after each of its draft tokens (one row when it has no draft). On CUDA
-        the logits may be a view of a graph's output buffer: valid until the next `execute`.
+        the logits may be a view of a graph's output buffer: valid until the next `execute`. `placeholders`:
+        the previous step's sampled ids, still on the device, which negative input ids stand for
+        (`nbllm.engine.overlap`).
         """
         inputs = prepare_inputs(batch, self.pool.block_size)
         if self.step_broadcast is None:
-            return inputs.ready, self.run(batch.copies, inputs)
+            return inputs.ready, self.run(batch.copies, inputs, placeholders)
         with self.step_broadcast(batch.copies, inputs):
             return inputs.ready, self.run(batch.copies, inputs)
 
     @torch.inference_mode()
-    def run(self, copies: list[tuple[int, int]], inputs: StepInputs) -> torch.Tensor:
+    def run(self, copies: list[tuple[int, int]], inputs: StepInputs,
+            placeholders: torch.Tensor | None = None) -> torch.Tensor:
         """Copy-on-write `copies`, then the forward of `inputs`: the logits of its `logit_rows` (`execute`)."""
         self.pool.copy_blocks(copies)
         if self.graphs is not None and inputs.is_decode and len(inputs.logit_rows) <= self.graphs.max_batch:
-            return self.graphs.run(inputs)
+            return self.graphs.run(inputs, placeholders)
         dev = self.device
 
         def put(array: np.ndarray) -> torch.Tensor:
@@ -257,7 +262,10 @@ class ModelRunner:
         backends = {p: self._attention(inputs, p.device) for p in dict.fromkeys(self.places)}
         attn = next(iter(backends.values())) if len(backends) == 1 else PerLayerAttention(
             [backends[p] for p in self.places])
-        hidden = self.model(put(inputs.ids), put(inputs.positions), attn)
+        ids = put(inputs.ids)
+        if placeholders is not None:
+            resolve_placeholders(ids, placeholders)
+        hidden = self.model(ids, put(inputs.positions), attn)
         rows = inputs.logit_rows
         if not rows:
             return hidden.new_empty((0, self.config.vocab_size))

@@ -51,6 +51,10 @@ class SamplingBatch:
     additive_penalty: torch.Tensor
     logprob_rows: torch.Tensor  # [L] long: rows with params.logprobs > 0
     max_logprobs: int
+    # Decided on the host, so that sampling reads nothing back from the device (overlap scheduling needs a
+    # sampler that only queues work): some random row has a temperature other than 1 / asks for a filter.
+    random_scaled: bool = True
+    random_filtered: bool = True
 
     @property
     def has_penalties(self) -> bool:
@@ -111,6 +115,8 @@ class SamplingBatch:
             additive_penalty=cat(add_vals, torch.float32),
             logprob_rows=long([i for i, k in enumerate(k_max) if k > 0]),
             max_logprobs=max(k_max, default=0),
+            random_scaled=any(p.temperature != 1.0 for p, g in zip(params, greedy) if not g),
+            random_filtered=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
         )
 
 
@@ -147,13 +153,13 @@ class Sampler:
             token_ids[batch.greedy_rows] = greedy.argmax(dim=-1)
         if batch.random_rows.numel():
             rows = batch.random_rows
-            temperature = batch.temperature[rows, None]
-            scale = bool((temperature != 1).any())
+            scale = batch.random_scaled
             scaled = _penalized_rows(x, rows, batch, owned, will_write=scale)
             if scale:
-                scaled.div_(temperature)
+                scaled.div_(batch.temperature[rows, None])
             probs = torch.softmax(scaled, dim=-1)
-            keep_from = filter_thresholds(scaled, probs, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+            keep_from = (filter_thresholds(scaled, probs, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+                         if batch.random_filtered else None)
             token_ids[rows] = sample(probs, scaled, keep_from, _uniforms(batch.generators, x.device))
 
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
@@ -273,8 +279,10 @@ def sample(
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
     """One U[0, 1) per row from that row's own generator (the global one where None)."""
-    draws = [torch.rand(1, generator=g, device=g.device if g is not None else "cpu") for g in generators]
-    return torch.cat(draws).to(device)
+    draws = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu") for g in generators])
+    if device.type == "cuda" and draws.device.type == "cpu":  # pinned: a pageable copy waits for the stream
+        return draws.pin_memory().to(device, non_blocking=True)
+    return draws.to(device)
 
 
 def _top_logprobs(raw_logprobs: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
