@@ -89,14 +89,19 @@ class OverlapLoop:
         self.inflight: InflightStep | None = None
         # Host seconds spent waiting for sampled ids: near zero when the host is the bottleneck (benchmarks).
         self.wait_seconds = 0.0
+        self._plain_at: int | None = None  # the request counter when every request was last found plain
 
     def eligible(self) -> bool:
         """Whether the next step may overlap: switched on, and every request plain (module docstring)."""
         core = self.core
         if not self.enabled or core.speculative is not None or core.runner.step_broadcast is not None:
             return False
-        return all(r.params.n == 1 and not r.params.has_penalties and r.params.constraint is None
-                   for r in core.requests.values())
+        if self._plain_at == core._request_counter:  # no request added since all were plain (~1 us each)
+            return True
+        plain = all(r.params.n == 1 and not r.params.has_penalties and r.params.constraint is None
+                    for r in core.requests.values())
+        self._plain_at = core._request_counter if plain else None
+        return plain
 
     def pending(self) -> bool:
         """A launched step still owes some sequence its token."""
@@ -151,7 +156,7 @@ class OverlapLoop:
                 seq.token_ids.pop()
             if seq.is_finished:  # aborted while its token was on the way
                 continue
-            self.core._accept(seq, tokens[row : row + 1], chosen, inflight.host, row)
+            self.core._append(seq, tokens[row], chosen[row], inflight.host, row)  # no draft, no grammar here
             touched[seq.request.request_id] = seq.request
         return [self.core._output(r) for r in touched.values()]
 

@@ -161,6 +161,11 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int, copies: list[tuple[int, int]]) -> bool:
         """Blocks for `seq`'s next `n` tokens, copying shared ones first; evicts cached prefixes if needed."""
+        table, pos = seq.table, seq.num_computed
+        if n == 1 and table.num_tokens == pos < table.capacity and \
+                self.blocks.refcount(table.blocks[pos // table.block_size]) == 1:
+            table.num_tokens += 1  # a decode token into a block of its own: `prepare_write` would do only this
+            return True
         needed = self.blocks.write_blocks_needed(seq.table, seq.num_computed, n)
         shortfall = needed - self.blocks.num_free_blocks
         if shortfall > 0 and self.radix is not None:

@@ -93,11 +93,11 @@ class Sequence:
         """This sequence as a `CompletionOutput`, with the delta since the previous call."""
         safe = len(self.text) if final or self.is_finished else self.stop_checker.safe_prefix_len(self.text)
         safe = max(safe, self.emitted_text_len)
-        out_ids = self.output_token_ids
+        out_ids = self.output_token_ids  # a fresh list: copied once a step, the output's own
         out = CompletionOutput(
             index=self.index,
             text=self.text[:safe],
-            token_ids=list(out_ids),
+            token_ids=out_ids,
             cumulative_logprob=self.cumulative_logprob if self.params.logprobs is not None else None,
             logprobs=self.logprobs,
             finish_reason=self.finish_reason,
