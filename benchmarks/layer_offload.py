@@ -1,13 +1,13 @@
 """Layer offload on one GPU (issue 8 point 3): `LLM(path, device="cuda", n_gpu_layers=N)` for N = 0, half, all.
 
 The default model is not on the GPU machine, so this writes a GGUF of random quantized weights of a real shape
-first: Qwen3-0.6B (hidden 1024, intermediate 3072, 28 layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936,
-tied embeddings), every matrix in Q8_0 or Q4_K (`--qtype`; random valid blocks: random bytes with small fp16
-(super-)block scales, so no quantizer runs), and a placeholder SPM vocabulary of the same size. Q8_0 is the
-default because the CPU layers' one-time int8 repack of Q4_K takes minutes of a short device session. For each N it loads
-the file, then measures batch-1 greedy decode (tok/s after the first token) and one prefill, and reports the GPU
-memory the model holds. N = 0 runs all on the CPU (int8 weights), N = all the plain GPU model (with its CUDA
-graphs); a split model runs its GPU layers eagerly.
+first: Qwen3-0.6B (hidden 1024, intermediate 3072, 28 layers, 16 heads, 8 KV heads, head dim 128, vocab
+151,936, tied embeddings), every matrix in Q8_0 or Q4_K (`--qtype`; random valid blocks: random bytes with small
+fp16 (super-)block scales, so no quantizer runs), and a placeholder SPM vocabulary of the same size. Q8_0 is the
+default because the CPU layers' one-time int8 repack of Q4_K takes minutes of a short device session. For each N
+it loads the file, then measures batch-1 greedy decode (tok/s after the first token) and one prefill, and reports
+the GPU memory the model holds. N = 0 runs all on the CPU (int8 weights); GPU layers keep the packed bits
+(`GGUFLinear`); N = all is the plain GPU model (with its CUDA graphs), a split model runs its GPU layers eagerly.
 
     python benchmarks/layer_offload.py [--layers-on-gpu 0,14,28] [--qtype q8_0|q4_k] [--tokens 128] [--prompt 512]
                                        [--threads N]

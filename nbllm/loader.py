@@ -5,8 +5,9 @@ same whatever the file: the GGUF source decodes quantized tensors (`nbllm.gguf.q
 source maps HF names through gguf's `TensorNameMap` and reads over mmap (`safe_open`). Per-architecture
 format quirks come from the `ArchSpec` as fixups (llama.cpp's permuted Llama q/k rows, HF Gemma's norm offset).
 On the CPU in fp32, a GGUF file's quantized weights stay quantized (int8 codes + group scales, repacked once and
-cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels. With `n_gpu_layers`, a
-CUDA load splits the layers between the CPU and the GPU (`nbllm.models.placement`).
+cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels. On a GPU, weights of the
+types the Triton kernels read (Q4_K, Q5_0, Q6_K, Q8_0) stay in their GGUF bits (`GGUFLinear`). With
+`n_gpu_layers`, a CUDA load splits the layers between the CPU and the GPU (`nbllm.models.placement`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
 import gguf
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from nbllm.errors import ModelLoadError
 from nbllm.gguf import GGUFFile, open_gguf
@@ -82,6 +85,26 @@ class GGUFWeights(WeightSource):
         if self.cache is not None:
             self.cache.put(name, tensor)
         return tensor
+
+    def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> nn.Module:
+        """On a GPU, a weight of a type the Triton kernels read keeps its GGUF bits (`GGUFLinear`: decode reads a
+        quarter of the bytes of bf16 for Q4_K); everything else as `WeightSource.linear` builds it. The token
+        table stays dense: it is also the embedding lookup."""
+        name = f"{prefix}.weight"
+        if (self.device.type != "cuda" or prefix == "token_embd" or self.llamacpp_numerics or not self.has(name)
+                or self.ggml_type(name) not in _gpu_kernel_types()):
+            return super().linear(prefix, out_features, in_features, bias=bias)
+        from nbllm.models.gpu_quant_linear import GGUFLinear
+
+        self._check(name, (out_features, in_features))
+        if bias is None:
+            bias = self.has(f"{prefix}.bias")
+        bias_tensor = self.tensor(f"{prefix}.bias", (out_features,)) if bias else None
+        fixups = self.fixups
+        row_fixup = None if fixups is None else (lambda rows: fixups(name, rows))  # rows are whole blocks
+        return GGUFLinear.from_gguf(self.file.tensor_bytes_torch(name), self.ggml_type(name),
+                                    (out_features, in_features), bias=bias_tensor, device=self.device,
+                                    row_fixup=row_fixup, tensor_name=name)
 
     def _int8_weight(self, name: str) -> Int8Weight | None:
         cache = self.int8_cache
@@ -212,6 +235,14 @@ def open_weights(
     if path.is_file():
         return _open_gguf(open_gguf(path), dtype, device, llamacpp, int8)
     raise ModelLoadError(f"{path}: no such file or directory")
+
+
+@cache
+def _gpu_kernel_types() -> frozenset[gguf.GGMLQuantizationType]:
+    """The GGUF types `GGUFLinear` reads (imported on first CUDA use: the kernels need Triton)."""
+    from nbllm.models.gpu_quant_linear import KERNEL_KINDS
+
+    return frozenset(KERNEL_KINDS)
 
 
 def _indexed(device: torch.device) -> torch.device:

@@ -9,7 +9,9 @@ with the last one, and N = the layer count is the plain GPU model (token table i
 with a warning; N = 0 is the plain CPU model.
 
 Placed parts compute where their weights are: CPU parts in float32 over the int8 weights where the kernels run
-(`Int8Linear`), GPU parts in the requested dtype over the weights `WeightSource.linear` builds for a CUDA source.
+(`Int8Linear`), GPU parts in the requested dtype over what the source builds for a CUDA device (a GGUF file's
+Q4_K/Q5_0/Q6_K/Q8_0 weights in their packed bits, `GGUFLinear`; others dense). Split models run eagerly (no CUDA
+graphs) and hand their logits to the sampler on the CPU.
 Each layer's K/V live in a KV pool on that layer's device (`nbllm.engine.model_runner.KVPool`): one block id
 addresses the same slots in every layer's pool, so block tables, the block manager and the radix cache never
 know about devices.
@@ -156,8 +158,8 @@ class PlacedWeights(WeightSource):
         return self.at(self.placement.place_of_tensor(name)).tensor(name, shape, dtype=dtype)
 
     def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> torch.nn.Module:
-        """The linear `prefix` as its part's place builds it: the one seam where a device-specific weight format
-        (int8 on the CPU, packed GGUF blocks on a GPU) comes in."""
+        """The linear `prefix` as the source of its part's place builds it (int8 on the CPU, packed GGUF blocks on a
+        GPU: `WeightSource.linear` and its GGUF override)."""
         source = self.at(self.placement.place_of_tensor(f"{prefix}.weight"))
         return source.linear(prefix, out_features, in_features, bias=bias)
 
