@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nbllm.engine.sampler import SampleResult
+from nbllm.engine.sampler import SampleResult, SamplingBatch
 from nbllm.errors import NbllmError
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class OverlapLoop:
         # Host seconds spent waiting for sampled ids: near zero when the host is the bottleneck (benchmarks).
         self.wait_seconds = 0.0
         self._plain_at: int | None = None  # the request counter when every request was last found plain
+        # The sampling settings of the last launch and whose rows they were: a decode batch keeps its rows for
+        # many steps, and plain rows' settings do not change (no penalties, so no token history in them).
+        self._sampling: tuple[list[int], SamplingBatch] | None = None
 
     def eligible(self) -> bool:
         """Whether the next step may overlap: switched on, and every request plain (module docstring)."""
@@ -139,7 +142,10 @@ class OverlapLoop:
             return None
         for seq in ready:
             seq.request.forked = True  # n = 1: nothing to fork
-        result = core.sampler(logits, core._sampling_batch(ready, [[] for _ in ready]))
+        rows = [seq.seq_id for seq in ready]
+        if self._sampling is None or self._sampling[0] != rows:
+            self._sampling = rows, core._sampling_batch(ready, [[] for _ in ready])
+        result = core.sampler(logits, self._sampling[1])
         host, event = to_host(result)
         return InflightStep(ready, result.token_ids, host, event)
 

@@ -97,10 +97,11 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_pending == 0:
+            pending = seq.num_pending
+            if seq.status is not SequenceStatus.RUNNING or pending == 0:
                 continue  # preempted earlier in this loop, or nothing to compute (a beam waiting for its siblings)
-            n = min(seq.num_pending + len(seq.spec_token_ids), budget)
-            del seq.spec_token_ids[max(0, n - seq.num_pending) :]  # drafts that do not fit the budget
+            n = min(pending + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(0, n - pending) :]  # drafts that do not fit the budget
             while not self._reserve(seq, n, batch.copies):
                 if seq.spec_token_ids:  # drop a guess before preempting anyone for it
                     n -= len(seq.spec_token_ids)
