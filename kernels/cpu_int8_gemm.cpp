@@ -11,117 +11,14 @@
 // amortised over the batch. Rows of y do not depend on how the batch is tiled or threaded: a row is summed in the
 // same order whatever M is (batch-invariant).
 //
-// Threads: chunks of weight rows are claimed from an atomic counter by the calling thread and by helper threads
-// (`Pool`), and a call returns when every chunk is done -- not when every helper has shown up. On a shared 2-core box
-// a helper may wait milliseconds for a time slice; a fork/join region (OpenMP) stalls the whole call for it (measured
-// ~12 ms a call), here the caller just does the helper's share. Helpers spin briefly between calls, then sleep.
-#include <immintrin.h>
-#include <stdint.h>
-
-#include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <algorithm>
-#include <thread>
+// Threads: chunks of weight rows go to the library's pool (cpu_pool.h).
+#include "cpu_pool.h"
+#include "cpu_simd.h"
 
 namespace {
 
-class Pool {
-   public:
-    // fn(0), ..., fn(chunks - 1) on the calling thread and up to `threads - 1` helpers.
-    void run(int64_t chunks, int threads, const std::function<void(int64_t)>& fn) {
-        if (threads <= 1 || chunks <= 1) {
-            for (int64_t c = 0; c < chunks; ++c) fn(c);
-            return;
-        }
-        std::lock_guard<std::mutex> one_caller(run_mutex_);
-        while (helpers_ < threads - 1) {
-            std::thread(&Pool::helper, this).detach();
-            ++helpers_;
-        }
-        fn_ = &fn;
-        chunks_.store(chunks, std::memory_order_relaxed);
-        done_.store(0, std::memory_order_relaxed);
-        const uint64_t gen = ++gen_;
-        state_.store(gen << 32);  // seq_cst: pairs with the helpers' sleeping_ increment
-        if (sleeping_.load() > 0) {
-            std::lock_guard<std::mutex> lock(sleep_mutex_);
-            wake_.notify_all();
-        }
-        work(gen);
-        // Only chunks a helper has claimed remain; if it was descheduled mid-chunk, give it the core.
-        for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
-            if (spins < 1000)
-                _mm_pause();
-            else
-                std::this_thread::yield();
-        }
-    }
-
-   private:
-    static constexpr int kSpins = 1 << 15;  // ~100 us of pause loops before a helper sleeps
-
-    // Claim and run chunks of generation `gen` until none is left; a stale generation claims nothing.
-    void work(uint64_t gen) {
-        uint64_t v = state_.load(std::memory_order_acquire);
-        while ((v >> 32) == gen && static_cast<int64_t>(v & 0xffffffffu) < chunks_.load(std::memory_order_relaxed)) {
-            if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
-            (*fn_)(static_cast<int64_t>(v & 0xffffffffu));
-            done_.fetch_add(1, std::memory_order_release);
-            v = state_.load(std::memory_order_acquire);
-        }
-    }
-
-    void helper() {
-        uint64_t seen = 0;
-        for (;;) {
-            uint64_t gen;
-            for (int spins = 0; (gen = state_.load(std::memory_order_acquire) >> 32) == seen;) {
-                if (++spins < kSpins) {
-                    _mm_pause();
-                    continue;
-                }
-                std::unique_lock<std::mutex> lock(sleep_mutex_);
-                sleeping_.fetch_add(1);  // seq_cst: pairs with run()'s state_ store
-                wake_.wait(lock, [&] { return (state_.load() >> 32) != seen; });
-                sleeping_.fetch_sub(1);
-                spins = 0;
-            }
-            seen = gen;
-            work(gen);
-        }
-    }
-
-    std::mutex run_mutex_, sleep_mutex_;
-    std::condition_variable wake_;
-    std::atomic<uint64_t> state_{0};  // generation << 32 | next unclaimed chunk
-    std::atomic<int64_t> done_{0};
-    std::atomic<int> sleeping_{0};
-    const std::function<void(int64_t)>* fn_ = nullptr;
-    std::atomic<int64_t> chunks_{0};
-    uint64_t gen_ = 0;
-    int helpers_ = 0;
-};
-
-Pool& pool() {
-    static Pool* p = new Pool;  // never destroyed: its detached helpers outlive static destructors
-    return *p;
-}
-
-// Split [0, n) into chunks of about n / (threads * 8) (at least `grain`) and run body(begin, end) on each.
-void parallel_for(int64_t n, int64_t grain, int threads, const std::function<void(int64_t, int64_t)>& body) {
-    const int64_t step = std::max<int64_t>(grain, n / (std::max(threads, 1) * 8));
-    const int64_t chunks = (n + step - 1) / step;
-    pool().run(chunks, threads, [&](int64_t c) { body(c * step, std::min(n, (c + 1) * step)); });
-}
-
-inline float hsum(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
+using nbllm::hsum;
+using nbllm::parallel_for;
 
 inline __m256 codes(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

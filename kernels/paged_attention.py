@@ -8,10 +8,12 @@ A step's queries come as one flat varlen batch (vLLM/flash-attn style): sequence
 which are its last `n_i` positions; `context_lens[i]` counts all its keys, this step's included (stored first
 with `store_kv`). One call therefore serves decode (every n_i = 1), prefill, and extend over a cached prefix.
 
-CPU strategy: sequences with a few queries (decode, speculative verification) are attended together: the blocks
-they can reach are gathered into a padded `[B, L, Hkv, D]` batch and one SDPA call with a length/window mask does
-them all (in cache-sized slices of the batch), so a 64-sequence decode step costs a handful of tensor ops instead of 64 python loops. Longer query
-runs (prefill chunks) have enough work to go one sequence at a time. Both use SDPA's fused CPU kernel, exact to
+CPU strategy: sequences with a few queries (decode, speculative verification) go to the C++ kernel
+(`cpu_paged_attention`), which reads keys through the block table in place. Where it cannot run (no AVX2 or
+compiler, non-fp32 pools) they are attended together in torch: the blocks they can reach are gathered into a
+padded `[B, L, Hkv, D]` batch and one SDPA call with a length/window mask does them all (in cache-sized slices of
+the batch), so a 64-sequence decode step costs a handful of tensor ops instead of 64 python loops; that path is
+also the kernel's reference. Longer query runs (prefill chunks) have enough work to go one sequence at a time. Both use SDPA's fused CPU kernel, exact to
 ~1e-6 against fp32 matmul + softmax and 3-4x faster than it (it needs 4-d inputs, hence the batch dims below).
 
 The index work (which slots, which masks) depends only on the step's batch, not on the layer, so it is split out:
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from nbllm.kernels import cpu_paged_attention
 
 __all__ = ["PagedAttentionPlan", "paged_attention", "plan_paged_attention", "run_paged_attention", "store_kv"]
 
@@ -77,11 +81,23 @@ class _Run:
 
 
 @dataclass(frozen=True)
+class _Native:
+    """Sequences with few queries, attended by the C++ kernel (its arguments, int32 and contiguous)."""
+
+    seqs: torch.Tensor  # int64 sequence indices
+    block_tables: torch.Tensor
+    cu_query_lens: torch.Tensor
+    context_lens: torch.Tensor
+    sliding_window: int | None
+
+
+@dataclass(frozen=True)
 class PagedAttentionPlan:
     """The layer-independent index work of one step's paged attention (see `plan_paged_attention`)."""
 
     batches: tuple[_Batch, ...]
     runs: tuple[_Run, ...]
+    native: _Native | None = None
 
 
 def paged_attention(
@@ -114,10 +130,12 @@ def plan_paged_attention(
     cu_query_lens: torch.Tensor,
     context_lens: torch.Tensor,
     sliding_window: int | None,
+    native: bool = True,
 ) -> PagedAttentionPlan:
     """Slots and masks for one step's batch, valid for every layer whose pools share `k_cache`'s geometry.
 
-    Only `k_cache`'s shape and dtype are read. Arguments as in `paged_attention`.
+    Only `k_cache`'s shape and dtype are read. Arguments as in `paged_attention`; `native=False` keeps the
+    few-query sequences on the torch path (the C++ kernel's reference).
     """
     block_size, hkv, d = k_cache.shape[1:]
     block_tables, cu, ctx = block_tables.long(), cu_query_lens.long(), context_lens.long()
@@ -144,6 +162,10 @@ def plan_paged_attention(
     short = ((num_queries > 0) & (num_queries <= _BATCHED_MAX_QUERIES)).nonzero().squeeze(1)
     if not short.numel():
         return PagedAttentionPlan((), tuple(runs))
+    if native and cpu_paged_attention.supports(k_cache):
+        return PagedAttentionPlan((), tuple(runs), _Native(
+            short, block_tables.to(torch.int32).contiguous(), cu.to(torch.int32), ctx.to(torch.int32),
+            sliding_window))
     # Most blocks first, so each SDPA call pads its sequences to similar lengths.
     spans, order = (end_blocks[short] - first_blocks[short]).sort(descending=True)
     short, spans = short[order], spans.tolist()
@@ -185,6 +207,11 @@ def run_paged_attention(
     out = torch.empty_like(q)
     hkv, d = k_cache.shape[2:]
     group = q.shape[1] // hkv
+    if plan.native is not None:
+        n = plan.native
+        cpu_paged_attention.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, out, seqs=n.seqs, block_tables=n.block_tables,
+            cu_query_lens=n.cu_query_lens, context_lens=n.context_lens, scale=scale, sliding_window=n.sliding_window)
     for b in plan.batches:
         rows, n = b.queries.shape
         k, v = _gather(k_cache, b.blocks, b.stale), _gather(v_cache, b.blocks, b.stale)

@@ -55,9 +55,9 @@ _DEQUANT_CACHE_MIN_BYTES = 32 << 20
 
 class GGUFWeights(WeightSource):
     def __init__(self, file: GGUFFile, *, dtype: torch.dtype, device: torch.device, fixups: Fixup | None,
-                 llamacpp_numerics: bool = False, int8: bool = False) -> None:
+                 llamacpp_numerics: bool = False, int8: bool = False, int8_activations: bool = False) -> None:
         super().__init__(file.path, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=llamacpp_numerics,
-                         int8=int8)
+                         int8=int8, int8_activations=int8_activations)
         self.file = file
         self._names = frozenset(file.tensors)
         big = file.path.stat().st_size >= _DEQUANT_CACHE_MIN_BYTES
@@ -165,7 +165,7 @@ class SafetensorsWeights(WeightSource):
         return self._handles[i].get_tensor(hf_name)
 
 
-Numerics = Literal["exact", "llamacpp"]
+Numerics = Literal["fast", "exact", "llamacpp"]
 
 
 def load_model(
@@ -173,21 +173,24 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    numerics: Numerics = "exact",
+    numerics: Numerics = "fast",
     int8: bool | None = None,
     n_gpu_layers: int | None = None,
 ) -> tuple[CausalLM, ModelConfig]:
     """Load a GGUF file (a path, or one already open) or an HF safetensors directory; raises `ModelLoadError`
     naming the file on any problem.
 
-    `numerics="exact"` computes in `dtype` over the dequantized weights (fp32: equal to transformers);
+    `numerics="fast"` (the default) is "exact" except that int8 CPU weights round their layer's input to int8 as
+    llama.cpp does for the weight's type and multiply in integers (`Int8Linear`: llama.cpp's speed and rounding);
+    `"exact"` computes in `dtype` over the dequantized weights (fp32: equal to transformers);
     `"llamacpp"` rounds as llama.cpp's CPU backend does (`nbllm.models.llamacpp_numerics`; fp32 only, to be run
     with `DenseKVCache(kv_dtype=torch.float16)`): each op then matches llama.cpp's to ~1e-7 from the same inputs,
     though not bit for bit (see that module for what this does and does not buy at greedy near-ties).
 
-    `int8`: keep a GGUF file's quantized weights quantized (`Int8Linear`; the same outputs up to fp32 summation
-    order, a quarter of the memory, faster decode). None (default): when loading float32 to the CPU with exact
-    numerics and the kernels build here (else dense, with a warning saying why); True: required; False: dense.
+    `int8`: keep a GGUF file's quantized weights quantized (`Int8Linear`: a quarter of the memory, faster decode;
+    with exact numerics the same outputs up to fp32 summation order). None (default): when loading float32 to the
+    CPU with fast or exact numerics and the kernels build here (else dense, with a warning saying why); True:
+    required; False: dense.
     llama.cpp numerics stay dense by default: that mode exists to reproduce llama.cpp's picks at near-ties, where
     its 8-bit activation rounding turns any change of fp32 summation order into a different token.
 
@@ -216,24 +219,24 @@ def open_weights(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    numerics: Numerics = "exact",
+    numerics: Numerics = "fast",
     int8: bool | None = None,
 ) -> tuple[WeightSource, ModelConfig, ArchSpec]:
     """The weight source, config and architecture of a model file, before any weight is read (`load_model`'s
     arguments); a caller that builds the model itself (a tensor-parallel shard) starts here."""
-    if numerics not in ("exact", "llamacpp"):
-        raise ModelLoadError(f"unknown numerics {numerics!r}: use 'exact' or 'llamacpp'")
+    if numerics not in ("fast", "exact", "llamacpp"):
+        raise ModelLoadError(f"unknown numerics {numerics!r}: use 'fast', 'exact' or 'llamacpp'")
     if numerics == "llamacpp" and dtype != torch.float32:
         raise ModelLoadError(f"numerics='llamacpp' computes in float32, not {dtype}")
     device = torch.device(device)
     llamacpp = numerics == "llamacpp"
     int8 = _use_int8(False if int8 is None and llamacpp else int8, device, dtype)
     if isinstance(path, GGUFFile):
-        return _open_gguf(path, dtype, device, llamacpp, int8)
+        return _open_gguf(path, dtype, device, numerics, int8)
     if (path := Path(path)).is_dir():
         return _open_hf(path, dtype, device, llamacpp)
     if path.is_file():
-        return _open_gguf(open_gguf(path), dtype, device, llamacpp, int8)
+        return _open_gguf(open_gguf(path), dtype, device, numerics, int8)
     raise ModelLoadError(f"{path}: no such file or directory")
 
 
@@ -269,7 +272,7 @@ def _use_int8(requested: bool | None, device: torch.device, dtype: torch.dtype) 
 
 
 def _open_gguf(
-    file: GGUFFile, dtype: torch.dtype, device: torch.device, llamacpp: bool, int8: bool = False
+    file: GGUFFile, dtype: torch.dtype, device: torch.device, numerics: Numerics, int8: bool = False
 ) -> tuple[WeightSource, ModelConfig, ArchSpec]:
     path = file.path
     spec = spec_for_gguf(file.architecture, str(path))
@@ -277,7 +280,8 @@ def _open_gguf(
     # The metadata cannot say whether the head is tied: llama.cpp ties it when output.weight is absent.
     config = replace(config, tie_word_embeddings="output.weight" not in file.tensors)
     fixups = unpermute_qk_rows(config.num_heads, config.num_kv_heads) if spec.gguf_qk_permuted else None
-    weights = GGUFWeights(file, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=llamacpp, int8=int8)
+    weights = GGUFWeights(file, dtype=dtype, device=device, fixups=fixups, llamacpp_numerics=numerics == "llamacpp",
+                          int8=int8, int8_activations=numerics == "fast")
     return weights, config, spec
 
 

@@ -106,14 +106,54 @@ def _forward_logits(model, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
 def test_tiny_int8_model_matches_dense(tiny_model, fmt: str) -> None:
+    """Exact numerics: int8 weights give the dense model's outputs up to fp32 summation order."""
     path, _ = tiny_model("llama", fmt)
-    int8, _ = load_model(path)
-    dense, _ = load_model(path, int8=False)
-    assert any(isinstance(m, Int8Linear) for m in int8.modules())
+    int8, _ = load_model(path, numerics="exact")
+    dense, _ = load_model(path, int8=False, numerics="exact")
+    assert any(isinstance(m, Int8Linear) and m.activation_block is None for m in int8.modules())
     assert not any(isinstance(m, Int8Linear) for m in dense.modules())
     ids = list(range(3, 40))
     torch.testing.assert_close(_forward_logits(int8, ids), _forward_logits(dense, ids), atol=1e-5, rtol=1e-5)
     assert greedy_generate(int8, ids[:5], 12) == greedy_generate(dense, ids[:5], 12)
+
+
+@pytest.mark.parametrize(("fmt", "block"), [("q8_0", 32), ("q4_k", 256)])
+def test_fast_numerics_round_activations_like_llama_cpp(tiny_model, fmt: str, block: int) -> None:
+    """The default ("fast") rounds each int8 layer's input as llama.cpp does for the weight type (Q8_0 / Q8_K
+    blocks): the logits move by that rounding only -- a bounded relative error against the exact forward."""
+    path, _ = tiny_model("llama", fmt)
+    fast, _ = load_model(path)
+    exact, _ = load_model(path, numerics="exact")
+    blocks = {m.activation_block for m in fast.modules() if isinstance(m, Int8Linear)}
+    assert block in blocks
+    ids = list(range(3, 40))
+    got, want = _forward_logits(fast, ids), _forward_logits(exact, ids)
+    assert not torch.equal(got, want)  # the rounding happened
+    relative = (got - want).norm() / want.norm()
+    # Each rounded input is off by ~0.5% rms (d / sqrt(12), d = block max / 127); a dozen of them in two layers.
+    assert relative < 0.05, relative
+
+
+@pytest.mark.parametrize(("block", "group", "codes", "offset"),
+                         [(32, 32, (-128, 128), False), (32, 32, (0, 16), True), (256, 16, (-32, 32), False),
+                          (256, 32, (0, 32), True), (256, 32, (-16, 16), False)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block, group, codes, offset, rows) -> None:
+    """The int8-activation kernel equals: x rounded by llama.cpp's quantize_row_q8_0 / q8_K, then an exact
+    product with the dequantized weight (only fp32 summation order differs)."""
+    from nbllm.models.llamacpp_numerics import round_q8_0, round_q8_K
+
+    gen = torch.Generator().manual_seed(block + group + rows)
+    n, k = 37, 1024
+    q = torch.randint(*codes, (n, k), dtype=torch.int8, generator=gen)
+    s = torch.rand(n, k // group, generator=gen)
+    o = torch.rand(n, k // group, generator=gen) if offset else None
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k // 32, 1, generator=gen).repeat_interleave(32, 1)[..., 0]
+    got = int8_linear(x, q, s, o, activation_block=block).double()
+    rounded = (round_q8_0 if block == 32 else round_q8_K)(x).double()
+    want = rounded @ Int8Weight(q, s, o).dequantize().double().T
+    bound = 1e-6 * (rounded.abs() @ Int8Weight(q, s, o).dequantize().double().abs().T)
+    assert ((got - want).abs() <= bound + 1e-30).all()
 
 
 def test_int8_needs_cpu_float32(tiny_model) -> None:
@@ -172,8 +212,8 @@ def test_repack_cache_is_reused_and_rebuilt_when_the_file_changes(tiny_model, tm
 @pytest.mark.slow
 def test_default_model_repacks_losslessly_and_keeps_greedy(default_model_path) -> None:
     file = open_gguf(default_model_path)
-    int8, _ = load_model(file)
-    dense, _ = load_model(file, int8=False)
+    int8, _ = load_model(file, numerics="exact")
+    dense, _ = load_model(file, int8=False, numerics="exact")
     layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == 18 * 7 + 1  # every projection and the tied output projection
     for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",

@@ -30,7 +30,7 @@ def flat_logits(model, prompts: list[list[int]]) -> torch.Tensor:
 
 
 def assert_matches_transformers(path, reference) -> float:
-    model, _ = load_model(path)
+    model, _ = load_model(path, numerics="exact")
     prompts = random_prompts(PROMPT_LENGTHS)
     ours = flat_logits(model, prompts)
     theirs = torch.cat([hf_logits(reference, p) for p in prompts])
@@ -80,7 +80,7 @@ def test_gemma3_layout_and_hf_only_query_scale(tmp_path):
 def test_chunked_prefill_and_decode_equal_full_forward(tiny_model, arch):
     """Sequences advanced in uneven chunks, batched with each other, see exactly what one full forward sees."""
     path, _ = tiny_model(arch, "hf")
-    model, _ = load_model(path)
+    model, _ = load_model(path, numerics="exact")
     a, b = random_prompts([14, 11], seed=3)
     full_a, full_b = flat_logits(model, [a]), flat_logits(model, [b])
     cache = DenseKVCache()
@@ -104,7 +104,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(tiny_model, arch):
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_greedy_generate_matches_transformers_generate(tiny_model, arch):
     path, reference = tiny_model(arch, "hf")
-    model, _ = load_model(path)
+    model, _ = load_model(path, numerics="exact")
     prompt = random_prompts([9], seed=5)[0]
     ours = greedy_generate(model, prompt, 12)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_greedy_generate_matches_transformers_generate(tiny_model, arch):
 
 def test_greedy_generate_stops_at_eos(tiny_model):
     path, _ = tiny_model("llama", "hf")
-    model, _ = load_model(path)
+    model, _ = load_model(path, numerics="exact")
     prompt = random_prompts([6], seed=1)[0]
     free = greedy_generate(model, prompt, 8)
     stopped = greedy_generate(model, prompt, 8, eos_ids={free[2]})
@@ -127,7 +127,7 @@ def test_bfloat16_load_runs_close_to_fp32(tiny_model):
     model, _ = load_model(path, dtype=torch.bfloat16)
     assert model.embed_tokens.dtype == torch.bfloat16 and model.layers[0].mlp.up.weight.dtype == torch.bfloat16
     prompts = random_prompts([9, 4])
-    fp32 = flat_logits(load_model(path)[0], prompts)
+    fp32 = flat_logits(load_model(path, numerics="exact")[0], prompts)
     bf16 = flat_logits(model, prompts)
     assert bf16.dtype == torch.float32
     assert (bf16 - fp32).abs().max().item() < 0.1 * fp32.abs().max().item()

@@ -24,15 +24,20 @@ def test_default_model_config(default_model_path):
     assert (c.sliding_window, c.rope_theta, c.rope_local_theta, c.query_scale) == (512, 1e6, 1e4, 256**-0.5)
 
 
-@pytest.fixture(scope="module")
-def default_model(default_model_path):
-    model, _ = load_model(default_model_path)
+@pytest.fixture(scope="module", params=["exact", "fast"])
+def default_model(default_model_path, request):
+    """The default model in exact numerics (equal to transformers) and in the default "fast" ones (int8 weights
+    times llama.cpp-rounded int8 activations)."""
+    model, _ = load_model(default_model_path, numerics=request.param)
+    model.numerics = request.param
     return model
 
 
 @pytest.mark.slow
 def test_default_model_logits_match_transformers_gguf_loader(default_model_path, default_model):
     """transformers reads the same GGUF with its own metadata mapping and gguf-py's dequantizers."""
+    if default_model.numerics != "exact":
+        pytest.skip("fast numerics round activations as llama.cpp does: compared with llama.cpp below")
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
     from transformers import AutoModelForCausalLM
 
@@ -60,6 +65,7 @@ def test_default_model_logits_match_transformers_gguf_loader(default_model_path,
 # Two near-tied tokens can therefore swap order: where the two models' margins between llama.cpp's pick and
 # ours add up to less than MAX_SWING, either token is a faithful greedy step.
 MAX_SWING = 1.0
+FAST_NEAR_TIE = 0.5
 
 
 def _llamacpp_cases(xfail: Callable[[str], bool] = lambda name: False):
@@ -93,7 +99,10 @@ def test_default_model_greedy_matches_llama_cpp(default_model, case, eog):
     picked = logits[steps, torch.tensor(generated)]
     llamacpp_logit = torch.tensor([best_logit for (_, best_logit), _ in case["top2"]])
     gaps = (picked - llamacpp_logit).abs()
-    assert gaps.mean() < 0.5 and gaps.max() < 1.5, f"logits far from llama.cpp's: {gaps.tolist()}"
+    # fast numerics round activations to 8 bits as llama.cpp does, but not bit for bit as it does (see below):
+    # rounding steps cascade, so single logits stray further while the mean stays as close.
+    worst = 2.0 if default_model.numerics == "fast" else 1.5
+    assert gaps.mean() < 0.5 and gaps.max() < worst, f"logits far from llama.cpp's: {gaps.tolist()}"
     our_margin = logits.max(-1).values - picked  # 0 where we pick the same token
     llamacpp_margin = torch.tensor([best - runner_up for (_, best), (_, runner_up) in case["top2"]])
     swing = torch.where(our_margin > 0, our_margin + llamacpp_margin, 0.0)
@@ -101,6 +110,11 @@ def test_default_model_greedy_matches_llama_cpp(default_model, case, eog):
 
     expected = generated[:16]
     differ = (logits.argmax(-1) != torch.tensor(generated)).tolist()[:16]
+    if default_model.numerics == "fast":
+        # 8-bit activation rounding turns the fp32 summation-order difference between this batched pass and
+        # token-by-token decode into ~0.2 of logit noise (as in llama.cpp itself): free-running, a llama.cpp
+        # near-tie below FAST_NEAR_TIE may go either way.
+        differ = [d or m < FAST_NEAR_TIE for d, m in zip(differ, llamacpp_margin.tolist())]
     agree = differ.index(True) if True in differ else len(expected)
     ours = greedy_generate(default_model, prompt, len(expected), eos_ids=eog)
     assert ours[:agree] == expected[:agree]

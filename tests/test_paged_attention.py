@@ -197,3 +197,24 @@ def test_random_batches_match_dense(case) -> None:
     batch = make_batch(seqs, block_size=block_size, heads=kv_heads * group, kv_heads=kv_heads, head_dim=8,
                        shared_blocks=shared, seed=seed)
     torch.testing.assert_close(batch.paged(0.4, window), batch.dense(0.4, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7, 600])
+def test_cpp_kernel_matches_the_torch_path(window: int | None) -> None:
+    """Few-query sequences go to the C++ kernel (`cpu_paged_attention`) on CPUs that run it; the torch path is its
+    reference: long contexts (split over work items and merged), GQA, several queries, windows, shared blocks."""
+    from nbllm.kernels import cpu_paged_attention
+
+    batch = make_batch([(1, 1), (37, 1), (1300, 3), (700, 8), (16, 2), (2100, 1)], block_size=16, heads=8,
+                       kv_heads=2, head_dim=64, shared_blocks=1)
+    if not cpu_paged_attention.supports(batch.k_cache):
+        pytest.skip("the CPU kernels cannot run here")
+    args = dict(block_tables=batch.block_tables, cu_query_lens=batch.cu_query_lens, context_lens=batch.context_lens,
+                sliding_window=window)
+    native = plan_paged_attention(batch.k_cache, **args)
+    reference = plan_paged_attention(batch.k_cache, **args, native=False)
+    assert native.native is not None and reference.native is None
+    got = run_paged_attention(batch.q, batch.k_cache, batch.v_cache, native, scale=0.125)
+    want = run_paged_attention(batch.q, batch.k_cache, batch.v_cache, reference, scale=0.125)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, batch.dense(0.125, window), atol=2e-6, rtol=1e-5)

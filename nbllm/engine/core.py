@@ -190,8 +190,10 @@ class EngineCore:
                     seqs.append(seq)
                     # the token history only feeds penalties: copying it for every row would cost O(length) a token
                     outputs.append(seq.output_token_ids + draft[:r] if seq.params.has_penalties else [])
-            result = self.sampler(logits[torch.tensor(rows, device=logits.device)],
-                                  self._sampling_batch(seqs, outputs), self._allowed_mask(seqs, logits))
+            # index_select, not logits[rows]: advanced indexing of [rows, 262144] costs ~2 ms on a CPU
+            picked = logits if rows == list(range(logits.shape[0])) else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            result = self.sampler(picked, self._sampling_batch(seqs, outputs), self._allowed_mask(seqs, logits))
             tokens = result.token_ids.tolist()
             chosen = result.logprobs.tolist()
             row = 0

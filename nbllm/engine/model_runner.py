@@ -219,10 +219,10 @@ class ModelRunner:
         #: keeps an interrupt from leaving the ranks halfway through the step.
         self.step_broadcast: Callable[[list[tuple[int, int]], StepInputs], AbstractContextManager] | None = None
         self.graphs = None
-        if self.device.type == "cuda":
-            # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU.
-            for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:
-                module.fuse_projections()
+        # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU, call-bound on a CPU. On
+        # the CPU only int8 weights are joined (bit-identical rows); a dense join would change MKL's blocking.
+        for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:
+            module.fuse_projections(dense=self.device.type == "cuda")
         if self.device.type == "cuda" and cuda_graphs:
             from nbllm.engine.cuda_graphs import DecodeGraphs
 

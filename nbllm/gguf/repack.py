@@ -22,7 +22,7 @@ from nbllm.gguf.quants import _CRUMB, _NIB, _f16, _q45_k_scales, _shifted, dequa
 
 Q = GGMLQuantizationType
 
-__all__ = ["GROUP_SIZE", "Int8Weight", "repack"]
+__all__ = ["ACTIVATION_BLOCK", "GROUP_SIZE", "Int8Weight", "repack"]
 
 _CHUNK_WEIGHTS = 1 << 22
 
@@ -30,6 +30,14 @@ _CHUNK_WEIGHTS = 1 << 22
 GROUP_SIZE: dict[GGMLQuantizationType, int] = {
     **dict.fromkeys((Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K), 32),
     **dict.fromkeys((Q.Q2_K, Q.Q3_K, Q.Q6_K), 16),
+}
+
+
+#: The block in which llama.cpp rounds a matmul's activations to int8 for each weight type (its `vec_dot_type`:
+#: Q8_0's 32 for the legacy types -- Q8_1's for Q4_1/Q5_1, whose codes are the same -- and Q8_K's 256 for K-quants).
+ACTIVATION_BLOCK: dict[GGMLQuantizationType, int] = {
+    **dict.fromkeys((Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0), 32),
+    **dict.fromkeys((Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K), 256),
 }
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbllm.kernels import cpu_rmsnorm, cpu_rotary
+
 if TYPE_CHECKING:
     from nbllm.models.attention import AttentionBackend
 
@@ -63,6 +65,8 @@ class RMSNorm(nn.Module):
             from nbllm.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
+        if cpu_rmsnorm.supports(x, self.weight):  # one C++ call instead of six tensor ops
+            return cpu_rmsnorm.rms_norm(x, self.weight, self.eps)[0]
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -73,6 +77,8 @@ class RMSNorm(nn.Module):
             from nbllm.kernels.rmsnorm import add_rms_norm
 
             return add_rms_norm(x, residual, self.weight, self.eps)
+        if cpu_rmsnorm.supports(x, self.weight) and residual.shape == x.shape and residual.dtype == x.dtype:
+            return cpu_rmsnorm.rms_norm(x, self.weight, self.eps, residual)
         total = residual + x
         return self(total), total
 
@@ -115,8 +121,8 @@ class RotaryEmbedding(nn.Module):
             from nbllm.kernels.rotary import rotary_embedding
 
             return rotary_embedding(x, positions, self.cos, self.sin)
-        cos = self.cos[positions].to(x.dtype)[:, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        cos = self.cos.index_select(0, positions).to(x.dtype)[:, None, :]  # index_select: ~8x cheaper than [positions]
+        sin = self.sin.index_select(0, positions).to(x.dtype)[:, None, :]
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -137,9 +143,10 @@ class GatedMLP(nn.Module):
         self.activation = activation
         self.act = _ACTIVATIONS[activation]
 
-    def fuse_projections(self) -> None:
-        """Replace gate and up by one `[2I, H]` linear (one GEMM, one launch) when both are plain dense weights."""
-        fused = _concat_linears((self.gate, self.up))
+    def fuse_projections(self, dense: bool = True) -> None:
+        """Replace gate and up by one `[2I, H]` linear (one GEMM, one launch) where they can be joined (int8
+        weights always, dense ones when `dense`; see `_concat_linears`)."""
+        fused = _concat_linears((self.gate, self.up), dense)
         if fused is not None:
             self.gate_up, self.gate, self.up = fused, None, None
 
@@ -155,10 +162,14 @@ class GatedMLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
-def _concat_linears(parts: tuple[Linear, ...]) -> Linear | None:
-    """One linear whose output is the parts' outputs side by side, or None when a part is not a plain dense
-    `Linear` (quantized formats, llama.cpp activation rounding) or only some parts have a bias."""
-    if any(type(p) is not Linear or p.round_input is not None for p in parts):
+def _concat_linears(parts: tuple[Linear, ...], dense: bool) -> Linear | None:
+    """One linear whose output is the parts' outputs side by side, or None where they cannot be joined: parts of
+    different kinds, dense parts when `dense` is False, llama.cpp activation rounding, a bias on only some parts."""
+    from nbllm.models.quantized_linear import Int8Linear
+
+    if all(type(p) is Int8Linear for p in parts):
+        return Int8Linear.concat(parts)
+    if not dense or any(type(p) is not Linear or p.round_input is not None for p in parts):
         return None
     biases = [p.bias for p in parts]
     if any(b is None for b in biases) and any(b is not None for b in biases):
@@ -201,9 +212,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
 
-    def fuse_projections(self) -> None:
-        """Replace q, k and v by one linear (one GEMM, one launch) when all three are plain dense weights."""
-        fused = _concat_linears((self.q_proj, self.k_proj, self.v_proj))
+    def fuse_projections(self, dense: bool = True) -> None:
+        """Replace q, k and v by one linear (one GEMM, one launch) where they can be joined (as in GatedMLP's)."""
+        fused = _concat_linears((self.q_proj, self.k_proj, self.v_proj), dense)
         if fused is not None:
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
 
@@ -223,6 +234,13 @@ class Attention(nn.Module):
             norms = {} if self.q_norm is None else {
                 "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
             q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms)
+        elif cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(k, self.rotary.cos):
+            rope = (positions, self.rotary.cos, self.rotary.sin)
+            if self.q_norm is None:
+                q, k = cpu_rotary.norm_rotary(q, *rope), cpu_rotary.norm_rotary(k, *rope)
+            else:
+                q = cpu_rotary.norm_rotary(q, *rope, self.q_norm.weight, self.q_norm.eps)
+                k = cpu_rotary.norm_rotary(k, *rope, self.k_norm.weight, self.k_norm.eps)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)

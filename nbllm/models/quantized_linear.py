@@ -1,12 +1,17 @@
 """A linear layer whose weight stays quantized on the CPU: int8 codes + per-group fp32 scales (`Int8Weight`).
 
 Why: dense fp32 weights make CPU decode read 4 bytes a weight (Gemma 3 270M's output projection alone is 671 MB a
-token) and make batched decode run fp32 GEMMs of awkward shapes. The int8 form reads ~1.1 bytes a weight and the
-kernel (`nbllm.kernels.cpu_int8_gemm`) reuses each converted weight across the batch. It computes with exactly the
-dequantized weights (the repack is lossless), so only the fp32 summation order differs from `Linear`.
+token) and make batched decode run fp32 GEMMs of awkward shapes. The int8 form reads ~1.1 bytes a weight, and the
+kernels (`nbllm.kernels.cpu_int8_gemm`) multiply by exactly the dequantized weights (the repack is lossless).
+
+Activations: a GGUF weight's layer rounds its input to int8 as llama.cpp's CPU backend does for that weight type
+(`activation_block`: Q8_0 blocks of 32, or Q8_K blocks of 256 for K-quants) and multiplies in integers -- ~3x less
+compute, so decode runs at memory speed, with llama.cpp's own rounding error. Without an `activation_block` the
+input is used exactly (only the fp32 summation order then differs from `Linear`).
 
 Prefill-sized inputs (`DENSE_MIN_ROWS` rows or more) have enough rows per weight for MKL's fp32 GEMM to win: those
-dequantize the weight a slice at a time (a few MB, cache-sized) and call it, so no dense copy is kept.
+dequantize the weight a slice at a time (a few MB, cache-sized) and call it (on the input rounded the same way), so
+no dense copy is kept.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbllm.gguf.repack import Int8Weight
-from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear
+from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear, q8_supported
+from nbllm.models.llamacpp_numerics import round_q8_0, round_q8_K
 
 #: Input rows from which dequantize-and-GEMM beats the int8 kernel (quiet box, default model's shapes): MKL alone
 #: wins from ~32 rows (`benchmarks/cpu_vs_llamacpp.py --gemm`), but the dense path also dequantizes the weight on
@@ -33,8 +39,10 @@ _SLICE_WEIGHTS = 1 << 21
 class Int8Linear(nn.Module):
     """`y = x W^T + b` with `W` held as an `Int8Weight`; fp32 in, fp32 out, CPU only.
 
-    `round_input` as in `Linear` (llama.cpp-compatible activation rounding). `rows(ids)` returns the dequantized
-    weight rows: a token table (tied embeddings) looks its rows up there instead of keeping a dense copy.
+    `round_input` as in `Linear` (llama.cpp-compatible activation rounding, in torch); `activation_block` (32 or
+    256) rounds the input to int8 in the kernel instead (see the module docstring; None where the shapes do not
+    allow it). `rows(ids)` returns the dequantized weight rows: a token table (tied embeddings) looks its rows up
+    there instead of keeping a dense copy.
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         round_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        activation_block: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("q", weight.q)
@@ -50,6 +59,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("offset", weight.offset)
         self.register_buffer("bias", bias)
         self.round_input = round_input
+        ok = activation_block is not None and round_input is None and q8_supported(weight.q, weight.scale,
+                                                                                   activation_block)
+        self.activation_block = activation_block if ok else None
 
     @property
     def out_features(self) -> int:
@@ -69,9 +81,11 @@ class Int8Linear(nn.Module):
             x = self.round_input(x)
         rows = x.numel() // x.shape[-1]
         if rows >= (DENSE_MIN_ROWS if self.q.numel() <= _SLICE_WEIGHTS else DENSE_MIN_ROWS_SLICED):
+            if self.activation_block is not None:  # the same rounding as the kernel's, in torch
+                x = (round_q8_0 if self.activation_block == 32 else round_q8_K)(x)
             y = self._dense_forward(x)
         else:
-            y = int8_linear(x, self.q, self.scale, self.offset)
+            y = int8_linear(x, self.q, self.scale, self.offset, activation_block=self.activation_block)
         return y if self.bias is None else y + self.bias
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +99,29 @@ class Int8Linear(nn.Module):
             off = None if self.offset is None else self.offset[a:b]
             y[..., a:b] = F.linear(x, int8_dequantize(self.q[a:b], self.scale[a:b], off))
         return y
+
+    @classmethod
+    def concat(cls, parts: tuple[Int8Linear, ...]) -> Int8Linear | None:
+        """One layer whose output is the parts' outputs side by side (q/k/v, gate/up: one kernel call instead of
+        several), or None when the parts do not share a group size and input rounding.
+
+        Rows are summed in the same order either way (the kernel is row-wise), so outputs are bit-identical.
+        """
+        first = parts[0]
+        groups = {p.q.shape[1] // p.scale.shape[1] for p in parts}
+        if len(groups) != 1 or any(p.round_input is not first.round_input or p.activation_block !=
+                                   first.activation_block for p in parts):
+            return None
+        if any(p.offset is not None for p in parts):
+            offset = torch.cat([torch.zeros_like(p.scale) if p.offset is None else p.offset for p in parts])
+        else:
+            offset = None
+        biases = [p.bias for p in parts]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None
+        bias = torch.cat(biases) if biases[0] is not None else None
+        weight = Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset)
+        return cls(weight, bias, round_input=first.round_input, activation_block=first.activation_block)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows `[*ids.shape, K]` (bit-equal to the GGUF dequantizer's)."""

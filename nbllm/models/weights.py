@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 
 from nbllm.errors import ModelLoadError
 from nbllm.models.layers import Linear
-from nbllm.gguf.repack import Int8Weight
+from nbllm.gguf.repack import ACTIVATION_BLOCK, Int8Weight
 from nbllm.models.llamacpp_numerics import activation_rounding
 from nbllm.models.quantized_linear import Int8Linear
 
@@ -33,7 +33,8 @@ class WeightSource(ABC):
 
     `llamacpp_numerics`: the linears it builds round their input as llama.cpp does for each weight's stored type
     (`nbllm.models.llamacpp_numerics`); the tensors themselves are the same either way. `int8`: build quantized
-    weights as `Int8Linear` where the source can (the caller checked the kernels run: fp32 on the CPU).
+    weights as `Int8Linear` where the source can (the caller checked the kernels run: fp32 on the CPU);
+    `int8_activations`: those round their input to int8 as llama.cpp does for the weight's type (numerics="fast").
     """
 
     def __init__(
@@ -45,9 +46,11 @@ class WeightSource(ABC):
         fixups: Fixup | None = None,
         llamacpp_numerics: bool = False,
         int8: bool = False,
+        int8_activations: bool = False,
     ) -> None:
         self.path = path
         self.int8 = int8
+        self.int8_activations = int8_activations
         self.dtype = dtype
         self.device = torch.device(device)
         self.fixups = fixups
@@ -112,7 +115,9 @@ class WeightSource(ABC):
         if packed is not None:
             if self.fixups is not None:
                 packed = packed.map(lambda t: self.fixups(name, t))
-            return Int8Linear(packed.map(lambda t: t.contiguous()), bias_tensor, round_input=round_input)
+            return Int8Linear(packed.map(lambda t: t.contiguous()), bias_tensor, round_input=round_input,
+                              activation_block=ACTIVATION_BLOCK.get(self.ggml_type(name)) if self.int8_activations
+                              else None)
         return Linear(self.tensor(name, (out_features, in_features)), bias_tensor, round_input=round_input)
 
 

@@ -1,0 +1,78 @@
+"""The CPU kernels' shared library: every `cpu_*.cpp` here compiled into one `.so` with g++ and loaded with ctypes.
+
+Why a plain shared library and not a torch extension: it compiles in a few seconds with the system `g++` (no torch
+headers, no ninja), and a ctypes call costs a few microseconds, like a pybind one. Why one library for all kernels:
+they share one thread pool (`cpu_pool.h`), and two pools' spinning helpers would take each other's cores.
+
+It is built on first use into `$NBLLM_CACHE_DIR/kernels` (default `~/.cache/nbllm/kernels`) under a name that
+hashes the sources and the flags, so an edited kernel is rebuilt and concurrent builders never see a half-written
+file. Where it cannot be had (no AVX2/FMA, no compiler, build error) `unavailable_reason()` says why in one line;
+nothing here raises at import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["library", "unavailable_reason"]
+
+_DIR = Path(__file__).parent
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=c++17")
+
+
+def _sources() -> list[Path]:
+    return sorted([*_DIR.glob("cpu_*.cpp"), *_DIR.glob("cpu_*.h")])
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("NBLLM_CACHE_DIR", Path.home() / ".cache" / "nbllm")) / "kernels"
+
+
+@cache
+def _load() -> ctypes.CDLL | str:
+    """The loaded library, or a one-line reason it cannot be had on this machine."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    digest = hashlib.sha256(" ".join(_FLAGS).encode())
+    for path in _sources():
+        digest.update(path.name.encode() + path.read_bytes())
+    target = _build_dir() / f"nbllm_cpu-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        compiler = os.environ.get("CXX", "g++")
+        units = [str(p) for p in _sources() if p.suffix == ".cpp"]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                r = subprocess.run([compiler, *_FLAGS, *units, "-o", str(built)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    return f"{compiler} failed to build the CPU kernels: {r.stderr.strip().splitlines()[-1:]}"
+                os.replace(built, target)
+        except OSError as exc:  # no compiler, or an unwritable cache folder
+            return f"cannot build the CPU kernels with {compiler!r} into {target.parent}: {exc}"
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        return f"cannot load {target}: {exc}"
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels run here; otherwise why not (one line)."""
+    lib = _load()
+    return lib if isinstance(lib, str) else None
+
+
+def library() -> ctypes.CDLL:
+    """The library (declare each function's argtypes where it is wrapped); RuntimeError where it cannot be had."""
+    lib = _load()
+    if isinstance(lib, str):
+        raise RuntimeError(f"nbllm CPU kernels unavailable: {lib}")
+    return lib

@@ -1,0 +1,64 @@
+"""Paged attention of few-query sequences (decode, speculative verification) in C++ (`cpu_paged_attention.cpp`).
+
+Why not the torch path for these: at decode sizes SDPA's work is a few microseconds and its OpenMP region, the
+gather of whole blocks and the padding masks cost far more (measured 1.2 ms a layer at batch 1, half of a decode
+step, much of it threads of OpenMP and of the int8 kernels' pool taking turns on two cores). This kernel reads keys
+through the block table where they lie and runs on the same pool as the int8 matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+
+from nbllm.kernels.cpu_library import library, unavailable_reason
+
+__all__ = ["paged_decode_attention", "supports"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+@cache
+def _function() -> ctypes._CFuncPtr:
+    fn = library().nbllm_paged_decode_attention
+    fn.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I, ctypes.c_float, _I, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def supports(k_cache: torch.Tensor) -> bool:
+    """Whether this kernel can serve attention over pools like `k_cache` here (queries of the pools' dtype)."""
+    return (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and k_cache.shape[-1] % 8 == 0
+            and unavailable_reason() is None)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    seqs: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> None:
+    """Write into `out` the attention of the queries of sequences `seqs` (int64), as `paged_attention` defines it.
+
+    `q, out: [T, Hq, D]`, pools `[blocks, block_size, Hkv, D]`, all contiguous fp32; `block_tables`,
+    `cu_query_lens`, `context_lens` contiguous int32 (see `paged_attention`). Rows of other sequences are untouched.
+    """
+    for t in (q, out, k_cache, v_cache, seqs, block_tables, cu_query_lens, context_lens):
+        if not t.is_contiguous():
+            raise ValueError("paged_decode_attention needs contiguous tensors")
+    if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
+        raise ValueError(f"paged_decode_attention computes in fp32, got q {q.dtype} and pools {k_cache.dtype}")
+    _, block_size, hkv, d = k_cache.shape
+    _function()(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], hkv,
+                d, block_tables.data_ptr(), block_tables.shape[1], cu_query_lens.data_ptr(), context_lens.data_ptr(),
+                seqs.data_ptr(), seqs.numel(), scale, sliding_window or 0, torch.get_num_threads())

@@ -1,0 +1,164 @@
+// y[M, N] = x[M, K] · W[N, K]^T with the weights as int8 codes + per-group fp32 scales/offsets (the layout of
+// cpu_int8_gemm.cpp) and the activations quantized to int8 first, exactly as llama.cpp's CPU backend quantizes a
+// matmul's input for the weight's type (its vec_dot_type):
+//   Q8_0 (blocks of 32; Q4_0/Q5_0/Q8_0 ... weights): d = max|x| / 127 rounded to fp16, codes round(x * 127 / max|x|);
+//   Q8_K (blocks of 256; K-quant weights): iscale = -127 / (signed max), codes min(127, round(iscale * x)),
+//   d = 1 / iscale in fp32 (quantize_row_q8_K_ref). Rounding is half to even in both.
+//
+// Why: converting every weight to fp32 costs ~2.5 instructions per weight, which makes the exact kernel
+// compute-bound at batch 1 on these cores. Integer products of 32 weights with 32 activations take one
+// maddubs + one madd (llama.cpp's sign trick: |w| unsigned times x with w's sign), so the call runs at memory
+// speed. The result differs from the exact one by the activations' rounding -- the rounding llama.cpp itself
+// makes; within a block of 32 the products are summed exactly in integers.
+//
+//   y[m, n] = sum_b d_x[m, b] * sum_{g in b} s[n, g] * (q[n, g] · q_x[m, g])  -  sum_g o[n, g] * d_x * sum(q_x[m, g])
+//
+// Rows are batch-invariant (each row of x is quantized and summed the same way whatever M is).
+#include <cmath>
+#include <vector>
+
+#include "cpu_pool.h"
+#include "cpu_simd.h"
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// x quantized: codes [M, K], per-block scales [M, K / 32] and, for offset weights, per-group sums d * sum(codes).
+struct Q8Rows {
+    std::vector<int8_t> q;
+    std::vector<float> d;
+    std::vector<float> group_sums;
+};
+
+inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+// The d and codes of one block of `n` activations (n = 32: Q8_0, n = 256: Q8_K), as llama.cpp computes them.
+inline float quantize_block(const float* x, int64_t n, bool q8_k, int8_t* codes) {
+    float amax = 0.0f, signed_max = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float a = std::fabs(x[j]);
+        if (a > amax) {
+            amax = a;
+            signed_max = x[j];
+        }
+    }
+    if (amax == 0.0f) {
+        std::fill(codes, codes + n, 0);
+        return 0.0f;
+    }
+    const float mul = q8_k ? -127.0f / signed_max : 127.0f / amax;
+    for (int64_t j = 0; j < n; ++j) {
+        const float v = std::nearbyint(x[j] * mul);  // the default rounding mode: half to even
+        codes[j] = static_cast<int8_t>(std::min(127.0f, v));
+    }
+    return q8_k ? 1.0f / mul : fp16_round(amax / 127.0f);
+}
+
+Q8Rows quantize(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t G, int64_t act_block, bool sums) {
+    const int64_t blocks = K / kBlock, groups = K / G, per = act_block / kBlock;
+    Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(sums ? M * groups : 0)};
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t b = 0; b < K / act_block; ++b) {
+            const float d = quantize_block(x + m * ldx + b * act_block, act_block, act_block != kBlock,
+                                           r.q.data() + m * K + b * act_block);
+            std::fill(r.d.begin() + m * blocks + b * per, r.d.begin() + m * blocks + (b + 1) * per, d);
+        }
+        if (sums) {
+            for (int64_t g = 0; g < groups; ++g) {
+                int32_t total = 0;
+                for (int64_t k = g * G; k < (g + 1) * G; ++k) total += r.q[m * K + k];
+                r.group_sums[m * groups + g] = r.d[m * blocks + g * G / kBlock] * static_cast<float>(total);
+            }
+        }
+    }
+    return r;
+}
+
+constexpr int kRows = 4;  // weight rows per tile
+constexpr int kCols = 2;  // activation rows per tile
+
+// R weight rows (codes q, row stride K; scales s, row stride K / G) times C quantized activation rows.
+template <int R, int C, int G>
+inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, const float* o, int64_t K,
+                 float* y, int64_t ldy) {
+    const int64_t blocks = K / kBlock, groups = K / G;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m256i xv[C];
+        __m256 dx[C];
+        for (int c = 0; c < C; ++c) {
+            xv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + c) * K + b * kBlock));
+            dx[c] = _mm256_set1_ps(xq.d[(m0 + c) * blocks + b]);
+        }
+        for (int r = 0; r < R; ++r) {
+            const int8_t* wp = q + r * K + b * kBlock;
+            _mm_prefetch(reinterpret_cast<const char*>(wp + 4096), _MM_HINT_T0);
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            // int32 lane i of the products covers codes 4i..4i+3: lanes 0-3 the block's first 16, 4-7 the rest.
+            const __m256 sv = G == kBlock ? _mm256_set1_ps(s[r * groups + b])
+                                          : _mm256_set_m128(_mm_set1_ps(s[r * groups + 2 * b + 1]),
+                                                            _mm_set1_ps(s[r * groups + 2 * b]));
+            for (int c = 0; c < C; ++c) {
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[c], w)), ones);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sv, dx[c]), acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) {
+            float v = nbllm::hsum(acc[r][c]);
+            if (o != nullptr) {
+                const float* sums = xq.group_sums.data() + (m0 + c) * groups;
+                for (int64_t g = 0; g < groups; ++g) v -= o[r * groups + g] * sums[g];
+            }
+            y[c * ldy + r] = v;
+        }
+}
+
+template <int R, int G>
+inline void row_tile(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const float* o, int64_t K,
+                     float* y, int64_t ldy) {
+    int64_t m = 0;
+    for (; m + kCols <= M; m += kCols) tile<R, kCols, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
+    if (M - m == 1) tile<R, 1, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
+}
+
+template <int G>
+void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const float* o, int64_t N, int64_t K,
+          float* y, int64_t ldy, int threads) {
+    const int64_t groups = K / G;
+    const int64_t tiles = (N + kRows - 1) / kRows;
+    nbllm::parallel_for(tiles, 4, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int64_t n = t * kRows;
+            if (n + kRows <= N) {
+                row_tile<kRows, G>(xq, M, q + n * K, s + n * groups, o ? o + n * groups : nullptr, K, y + n, ldy);
+            } else {
+                for (int64_t r = n; r < N; ++r)
+                    row_tile<1, G>(xq, M, q + r * K, s + r * groups, o ? o + r * groups : nullptr, K, y + r, ldy);
+            }
+        }
+    });
+}
+
+}  // namespace
+
+extern "C" {
+
+// As nbllm_int8_gemm, with x quantized first in blocks of act_block (32: Q8_0, 256: Q8_K). K must be a multiple
+// of act_block and G 16 or 32.
+void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const int8_t* q, const float* s, const float* o,
+                   int64_t N, int64_t K, int64_t G, float* y, int64_t ldy, int threads, int64_t act_block) {
+    const Q8Rows xq = quantize(x, M, ldx, K, G, act_block, o != nullptr);
+    if (G == kBlock)
+        gemm<32>(xq, M, q, s, o, N, K, y, ldy, threads);
+    else
+        gemm<16>(xq, M, q, s, o, N, K, y, ldy, threads);
+}
+
+}  // extern "C"
