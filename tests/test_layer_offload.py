@@ -20,6 +20,7 @@ from tiny_models import random_prompts
 
 from nbllm import LLM, NbllmError, SamplingParams
 from nbllm.engine.core import EngineCore
+from nbllm.engine.llm import _num_kv_blocks
 from nbllm.engine.model_runner import KVPool
 from nbllm.loader import open_weights
 from nbllm.models.layers import Linear
@@ -170,6 +171,15 @@ def test_each_layer_s_kv_lives_in_its_place_s_pool(tiny_model) -> None:
     assert [k.dtype for k in pool.k] == [torch.float32] * 4 + [torch.float64] * 3
     assert [v.dtype for v in pool.v] == [k.dtype for k in pool.k]
     assert {k.shape[0] for k in (*pool.k, *pool.v)} == {llm.engine.blocks.num_blocks}  # one block id space
+
+
+def test_the_kv_budget_counts_each_layer_s_bytes_on_its_device(tiny_model) -> None:
+    path, _ = tiny_model("gemma3", "q8_0")
+    model = _split_llm(path, 3).model  # 4 float32 layers, 3 float64 ones, all in the CPU's 1 GiB
+    c = model.config
+    slots = 2 * 16 * c.num_kv_heads * c.head_dim  # K and V values of one 16-token block of one layer
+    assert _num_kv_blocks(model, 16, None) == (1 << 30) // (slots * (4 * 4 + 3 * 8))
+    assert _num_kv_blocks(model, 16, 100) == 7  # an explicit token count wins
 
 
 def test_copy_on_write_copies_the_block_in_every_layer_s_pool(tiny_model) -> None:
