@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from nbllm import NbllmError, SamplingParams
+from nbllm import LLM, NbllmError, SamplingParams
 from nbllm.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
 from nbllm.engine.kv_offload import HostKVPool
 from nbllm.engine.model_runner import KVPool
@@ -408,3 +408,18 @@ def test_tiny_host_pool_keeps_outputs(tiny_llama, roomy) -> None:
 def test_bad_offload_options_are_clear_errors(tiny_llama, options) -> None:
     with pytest.raises(NbllmError, match="kv_offload_gb"):
         make_llm(tiny_llama, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_tier_pins_and_keeps_outputs(tiny_llama) -> None:
+    """On CUDA the host pool is pinned and copies cross the bus (with overlap scheduling on); greedy answers equal
+    a CUDA engine whose pool holds everything."""
+    roomy = LLM(tiny_llama, device="cuda", dtype=torch.float32, kv_cache_tokens=4096)
+    llm = LLM(tiny_llama, device="cuda", dtype=torch.float32, kv_cache_tokens=16 * 24,
+              kv_offload_gb=host_gb(roomy, 64))
+    assert llm.engine.host_kv.k[0].is_pinned()
+    convs = conversations(6, 3, seed=0)
+    assert chat(llm, convs) == chat(roomy, convs)
+    assert llm.stats()["kv_host_blocks_restored"] > 0
+    assert_no_leak_in_either_pool(llm)

@@ -79,7 +79,8 @@ class _Node:
 
 
 class RadixCache:
-    """Token-id prefixes -> cached KV blocks, with LRU eviction of unpinned leaves."""
+    """Token-id prefixes -> cached KV blocks, with LRU eviction of unpinned leaves (to `host`, a host-RAM tier,
+    when given)."""
 
     def __init__(self, block_manager: BlockManager, host: HostKVPool | None = None) -> None:
         self.block_manager = block_manager
@@ -100,7 +101,8 @@ class RadixCache:
     # ------------------------------------------------------------------ queries
 
     def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
-        """The longest cached prefix of `token_ids` in whole blocks; marks its path recently used.
+        """The longest cached prefix of `token_ids` in whole blocks (its device blocks, and the tokens after
+        them that wait in host RAM); marks its path recently used.
 
         Takes no references: call `BlockManager.append_prefix` with the blocks before anything can evict
         (an `evict` call, or `reset`), or they may be freed under you. A match ending inside an edge splits it,
