@@ -153,6 +153,15 @@ def _int8_codes(x, amax, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _int8_words(x, R: tl.constexpr):
+    """x [..., 8, 4] of rank R (groups of 32 as 8 words of 4 bytes) -> (codes as int32 words [..., 8], their int32
+    values [..., 8, 4], scales [...]). x arrives in the weight words' shape so the packing stays in each thread."""
+    amax = tl.max(tl.max(tl.abs(x), axis=R - 1), axis=R - 2)
+    q, dx = _int8_codes(x, tl.expand_dims(amax, R - 2), R - 1)
+    return _pack4(q, R - 1), q, tl.reshape(dx, amax.shape)
+
+
+@triton.jit
 def _k_scale_min(base, j):
     """Q4_K's 6-bit scale and min of sub-block `j` (0..7) from the 12-byte field at `base` (as quants._k_scale_min)."""
     a = tl.load(base + j).to(tl.int32)
@@ -170,45 +179,75 @@ def _spread_bits(nib):
     return (nib * 0x00204081) & 0x01010101
 
 
-@triton.jit
-def _rows(N, BLOCK_N: tl.constexpr):
-    """This program's output rows, their store mask, and the rows to read (clamped: loads need no mask)."""
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
-
-
 # --------------------------------------------------------------------------------------------------- GEMV kernels
 # Grid (M, cdiv(N, BLOCK_N)): the M programs of one row tile run side by side, so extra input rows read the
-# tile's weights from L2. Each iteration covers S super-blocks (256 weights each); the super-block index is
-# clamped for weight loads and masked for x loads (x = 0 contributes nothing). The blocks a row (NSB, NB; K for
-# the GEMM) are compile-time constants: a model has two or three distinct K, and Triton's interpreter cannot
+# tile's weights from L2. Each program first rounds its whole input row to int8 (`_quantize_row`) into a scratch
+# row that every program of that input row writes with the same bytes, then reads it back in the weight tile's
+# shape: computed in the loop instead, the rounding moved values between threads through shared memory at every
+# step and cost more instructions than the weights. Each iteration covers S super-blocks (256 weights each);
+# their index is clamped for weight loads and masked for input loads (input 0 contributes nothing). The blocks a
+# row (NSB, NB) are compile-time constants: a model has two or three distinct K, and Triton's interpreter cannot
 # loop up to a run-time argument (numpy 2.4).
 
 
 @triton.jit
-def _gemv_q4_k(x_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_y,
-               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    rows, ok, r = _rows(N, BLOCK_N)
-    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
-    c = tl.arange(0, 4)  # 64-weight chunk: its low nibbles are sub-block 2c, its high nibbles 2c + 1
+def _quantize_row(x_row, xi_row, xf_row, K: tl.constexpr):
+    """x_row [K] -> scratch: xi_row = int8 codes as K/4 words, then code sums per 16 [K/16]; xf_row = scales per 32
+    [K/32], then exact fp32 sums per 32 [K/32]. Ends with a barrier: the program reads it back next."""
+    G: tl.constexpr = 32
+    g = tl.arange(0, G)
     t = tl.arange(0, 8)
-    j = tl.arange(0, 32)
+    i = tl.arange(0, 4)
+    for g0 in range(0, K // 32, G):
+        grp = g0 + g
+        ok = grp < K // 32
+        x = tl.load(x_row + (grp * 32)[:, None, None] + (4 * t)[None, :, None] + i[None, None, :],
+                    mask=ok[:, None, None], other=0.0).to(tl.float32)
+        words, q, dx = _int8_words(x, 3)
+        tl.store(xi_row + (grp * 8)[:, None] + t[None, :], words, mask=ok[:, None])
+        sums16 = tl.sum(tl.reshape(tl.sum(q, axis=2), (G, 2, 4)), axis=2)
+        tl.store(xi_row + K // 4 + (grp * 2)[:, None] + tl.arange(0, 2)[None, :], sums16, mask=ok[:, None])
+        tl.store(xf_row + grp, dx, mask=ok)
+        tl.store(xf_row + K // 32 + grp, tl.sum(tl.sum(x, axis=2), axis=1), mask=ok)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output rows, their store mask, the rows to read (clamped: loads need no mask), and its
+    input row's scratch (filled)."""
+    m = tl.program_id(0).to(tl.int64)
+    xi_row = xi_ptr + m * stride_xi
+    xf_row = xf_ptr + m * stride_xf
+    _quantize_row(x_ptr + m * stride_x, xi_row, xf_row, K)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64), xi_row, xf_row
+
+
+@triton.jit
+def _gemv_q4_k(x_ptr, xi_ptr, xf_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_xi,
+               stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+    # 64-weight chunk c of a super-block: qs words 8c..8c+7, low nibbles sub-block 2c, high nibbles 2c + 1.
+    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NSB * 256, BLOCK_N)
+    c = tl.arange(0, 4)
+    t = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for sb0 in range(0, NSB, S):
         sb = sb0 + tl.arange(0, S)
         sbc = tl.minimum(sb, NSB - 1)
-        x_off = (sb * 256)[:, None, None] + (64 * c)[None, :, None] + j[None, None, :]  # [S, 4, 32]
-        x_ok = (sb < NSB)[:, None, None]
-        xe = tl.load(x_row + x_off, mask=x_ok, other=0.0).to(tl.float32)
-        xo = tl.load(x_row + x_off + 32, mask=x_ok, other=0.0).to(tl.float32)
-        qe, dxe = _int8_codes(xe, tl.max(tl.abs(xe), axis=2), 2)
-        qo, dxo = _int8_codes(xo, tl.max(tl.abs(xo), axis=2), 2)
-        we = _pack4(tl.reshape(qe, (S, 4, 8, 4)), 3)
-        wo = _pack4(tl.reshape(qo, (S, 4, 8, 4)), 3)
+        x_ok = (sb < NSB)[:, None]
+        xword = (sb * 64)[:, None, None] + (16 * c)[None, :, None] + t[None, None, :]  # [S, 4, 8]
+        xe = tl.load(xi + xword, mask=x_ok[:, :, None], other=0)
+        xo = tl.load(xi + xword + 8, mask=x_ok[:, :, None], other=0)
+        grp = (sb * 8)[:, None] + (2 * c)[None, :]  # [S, 4]: the even sub-blocks' input groups
+        dxe = tl.load(xf + grp, mask=x_ok, other=0.0)
+        dxo = tl.load(xf + grp + 1, mask=x_ok, other=0.0)
+        sxe = tl.load(xf + NSB * 8 + grp, mask=x_ok, other=0.0)
+        sxo = tl.load(xf + NSB * 8 + grp + 1, mask=x_ok, other=0.0)
         w = tl.load(qs_ptr + r[:, None, None, None] * (NSB * 32) + (sbc * 32)[None, :, None, None]
                     + (8 * c)[None, None, :, None] + t[None, None, None, :])  # [BN, S, 4, 8]
-        de = tl.sum(_dot4(w & 0x0F0F0F0F, we[None], False, ASM), axis=3).to(tl.float32)
-        do = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, wo[None], False, ASM), axis=3).to(tl.float32)
+        de = tl.sum(_dot4(w & 0x0F0F0F0F, xe[None], False, ASM), axis=3).to(tl.float32)
+        do = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, xo[None], False, ASM), axis=3).to(tl.float32)
         sc_base = sc_ptr + r[:, None, None] * (NSB * 12) + (sbc * 12)[None, :, None]
         sce, mne = _k_scale_min(sc_base, (2 * c)[None, None, :])
         sco, mno = _k_scale_min(sc_base, (2 * c + 1)[None, None, :])
@@ -216,21 +255,19 @@ def _gemv_q4_k(x_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, strid
         d = tl.load(dm).to(tl.float32)
         dmin = tl.load(dm + 1).to(tl.float32)
         codes = tl.sum(sce * dxe[None] * de + sco * dxo[None] * do, axis=2)
-        mins = tl.sum(mne * tl.sum(xe, axis=2)[None] + mno * tl.sum(xo, axis=2)[None], axis=2)
+        mins = tl.sum(mne * sxe[None] + mno * sxo[None], axis=2)
         acc += tl.sum(d * codes - dmin * mins, axis=1)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gemv_q6_k(x_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_y,
-               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+def _gemv_q6_k(x_ptr, xi_ptr, xf_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr, stride_x,
+               stride_xi, stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     # Weight 128h + 32c + 4t + i (h: half, c: 0..3, t: word, i: byte) has its low 4 bits in ql word
     # 16h + 8(c % 2) + t, nibble c // 2, and its high 2 bits in qh word 8h + t, bits 2c; scale (w // 16).
-    rows, ok, r = _rows(N, BLOCK_N)
-    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NSB * 256, BLOCK_N)
     h = tl.arange(0, 2)
     t = tl.arange(0, 8)
-    j = tl.arange(0, 32)
     f = tl.arange(0, S * 4)  # (super-block, half, 16-group within the 32) flattened
     acc = tl.zeros([BLOCK_N], tl.float32)
     for sb0 in range(0, NSB, S):
@@ -241,15 +278,18 @@ def _gemv_q6_k(x_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr
         ql_b = tl.load(ql_ptr + r[:, None, None, None] * (NSB * 32) + word + 8)  # c odd
         qh = tl.load(qh_ptr + r[:, None, None, None] * (NSB * 16) + (sbc * 16)[None, :, None, None]
                      + (8 * h)[None, None, :, None] + t[None, None, None, :])
-        sb_f = tl.minimum(sb0 + f // 4, NSB - 1)
+        sb_f = sb0 + f // 4
+        f_ok = sb_f < NSB
+        sb_f = tl.minimum(sb_f, NSB - 1)
+        h_f = (f // 2) % 2
         d = tl.load(d_ptr + r[:, None] * NSB + sb_f[None, :]).to(tl.float32)  # [BN, S*4]
+        x_ok = (sb < NSB)[:, None, None]
         for c in tl.static_range(4):
-            x_off = (sb * 256)[:, None, None] + (128 * h)[None, :, None] + 32 * c + j[None, None, :]  # [S, 2, 32]
-            x = tl.load(x_row + x_off, mask=(sb < NSB)[:, None, None], other=0.0).to(tl.float32)
-            q, dx = _int8_codes(x, tl.max(tl.abs(x), axis=2), 2)
-            xw = _pack4(tl.reshape(q, (S, 2, 8, 4)), 3)
-            xsum = tl.reshape(tl.sum(tl.reshape(q, (S, 2, 2, 16)), axis=3), (S * 4,))
-            dx_f = tl.reshape(tl.broadcast_to(dx[:, :, None], (S, 2, 2)), (S * 4,))
+            xw = tl.load(xi + (sb * 64)[:, None, None] + (32 * h)[None, :, None] + 8 * c + t[None, None, :],
+                         mask=x_ok, other=0)  # [S, 2, 8]
+            dx = tl.load(xf + sb_f * 8 + 4 * h_f + c, mask=f_ok, other=0.0)  # [S*4]
+            g16 = sb_f * 16 + 8 * h_f + 2 * c + f % 2
+            xsum = tl.load(xi + NSB * 64 + g16, mask=f_ok, other=0)
             if c % 2 == 0:
                 lo = ql_a
             else:
@@ -257,58 +297,53 @@ def _gemv_q6_k(x_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr
             lo = (lo >> (4 * (c // 2))) & 0x0F0F0F0F
             codes = lo | (((qh >> (2 * c)) & 0x03030303) << 4)
             dots = tl.sum(tl.reshape(_dot4(codes, xw[None], False, ASM), (BLOCK_N, S * 4, 4)), axis=2)
-            sc = tl.load(sc_ptr + r[:, None] * (NSB * 16) + (sb_f * 16 + 8 * ((f // 2) % 2) + 2 * c + f % 2)[None, :])
-            acc += tl.sum(d * sc.to(tl.float32) * dx_f[None] * (dots - 32 * xsum[None]).to(tl.float32), axis=1)
+            sc = tl.load(sc_ptr + r[:, None] * (NSB * 16) + g16[None, :]).to(tl.float32)
+            acc += tl.sum(d * sc * dx[None] * (dots - 32 * xsum[None]).to(tl.float32), axis=1)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gemv_q5_0(x_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_y,
-               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+def _gemv_q5_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_xi,
+               stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     # Block of 32: qs word t holds weights 4t..4t+3 (low nibbles) and 16+4t.. (high); qh bit i is weight i's 5th.
     G: tl.constexpr = 8 * S
-    rows, ok, r = _rows(N, BLOCK_N)
-    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NB * 32, BLOCK_N)
     t = tl.arange(0, 4)
-    j = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, NB, G):
         blk = b0 + tl.arange(0, G)
         bc = tl.minimum(blk, NB - 1)
-        x_off = (blk * 32)[:, None] + j[None, :]
-        xl = tl.load(x_row + x_off, mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
-        xh = tl.load(x_row + x_off + 16, mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
-        cl, dx = _int8_codes(xl, amax, 1)
-        ch, _ = _int8_codes(xh, amax, 1)
-        xsum = tl.sum(cl, axis=1) + tl.sum(ch, axis=1)
+        x_ok = blk < NB
+        xl = tl.load(xi + (blk * 8)[:, None] + t[None, :], mask=x_ok[:, None], other=0)  # [G, 4]
+        xh = tl.load(xi + (blk * 8 + 4)[:, None] + t[None, :], mask=x_ok[:, None], other=0)
+        xsum = (tl.load(xi + NB * 8 + 2 * blk, mask=x_ok, other=0)
+                + tl.load(xi + NB * 8 + 2 * blk + 1, mask=x_ok, other=0))
+        dx = tl.load(xf + blk, mask=x_ok, other=0.0)
         w = tl.load(qs_ptr + r[:, None, None] * (NB * 4) + (bc * 4)[None, :, None] + t[None, None, :])  # [BN, G, 4]
         hb = tl.load(qh_ptr + r[:, None] * NB + bc[None, :])[:, :, None]
         lo = (w & 0x0F0F0F0F) | (_spread_bits((hb >> (4 * t)) & 15) << 4)
         hi = ((w >> 4) & 0x0F0F0F0F) | (_spread_bits((hb >> (16 + 4 * t)) & 15) << 4)
-        dots = tl.sum(_dot4(lo, _pack4(tl.reshape(cl, (G, 4, 4)), 2)[None], False, ASM)
-                      + _dot4(hi, _pack4(tl.reshape(ch, (G, 4, 4)), 2)[None], False, ASM), axis=2)
+        dots = tl.sum(_dot4(lo, xl[None], False, ASM) + _dot4(hi, xh[None], False, ASM), axis=2)
         d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
         acc += tl.sum(d * dx[None] * (dots - 16 * xsum[None]).to(tl.float32), axis=1)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gemv_q8_0(x_ptr, qs_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_y,
-               BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
+def _gemv_q8_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_xi, stride_xf,
+               stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     G: tl.constexpr = 8 * S
-    rows, ok, r = _rows(N, BLOCK_N)
-    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NB * 32, BLOCK_N)
     t = tl.arange(0, 8)
-    j = tl.arange(0, 32)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, NB, G):
         blk = b0 + tl.arange(0, G)
         bc = tl.minimum(blk, NB - 1)
-        x = tl.load(x_row + (blk * 32)[:, None] + j[None, :], mask=(blk < NB)[:, None], other=0.0).to(tl.float32)
-        q, dx = _int8_codes(x, tl.max(tl.abs(x), axis=1), 1)
+        x_ok = blk < NB
+        xw = tl.load(xi + (blk * 8)[:, None] + t[None, :], mask=x_ok[:, None], other=0)  # [G, 8]
+        dx = tl.load(xf + blk, mask=x_ok, other=0.0)
         w = tl.load(qs_ptr + r[:, None, None] * (NB * 8) + (bc * 8)[None, :, None] + t[None, None, :])  # [BN, G, 8]
-        dots = tl.sum(_dot4(w, _pack4(tl.reshape(q, (G, 8, 4)), 2)[None], True, ASM), axis=2)
+        dots = tl.sum(_dot4(w, xw[None], True, ASM), axis=2)
         d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
         acc += tl.sum(d * dx[None] * dots.to(tl.float32), axis=1)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -402,13 +437,19 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | Non
         cfg = config or gemv_config(w, x.device)
         qk = BLOCK_BYTES[w.kind][0]
         grid = (rows.shape[0], triton.cdiv(w.n, cfg["BLOCK_N"]))
-        _GEMV[w.kind][grid](rows, *w.planes, y, w.n, w.k // qk, rows.stride(0), y.stride(0),
-                            BLOCK_N=cfg["BLOCK_N"], S=cfg["S"], ASM=not _INTERPRET, num_warps=cfg["num_warps"])
+        xi = torch.empty((rows.shape[0], w.k // 4 + w.k // 16), dtype=torch.int32, device=x.device)
+        xf = torch.empty((rows.shape[0], w.k // 16), dtype=torch.float32, device=x.device)
+        _GEMV[w.kind][grid](rows, xi, xf, *w.planes, y, w.n, w.k // qk, rows.stride(0), xi.stride(0), xf.stride(0),
+                            y.stride(0), BLOCK_N=cfg["BLOCK_N"], S=cfg["S"], ASM=not _INTERPRET,
+                            num_warps=cfg["num_warps"])
     return y.view(*x.shape[:-1], w.n)
 
 
-def quant_gemm(x: torch.Tensor, w: PackedWeight, *, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """`x @ W^T` on the GEMM path (prefill): bf16/fp16 inputs multiply W rounded to their dtype, fp32 exactly."""
+def quant_gemm(x: torch.Tensor, w: PackedWeight, *, block_m: int = 128, block_n: int = 64, block_k: int = 32,
+               num_warps: int = 8) -> torch.Tensor:
+    """`x @ W^T` on the GEMM path (prefill): bf16/fp16 inputs multiply W rounded to their dtype, fp32 exactly.
+
+    The default tile is the largest whose element-wise decode fits the registers without spilling on sm_90."""
     rows = _flat(x, w)
     y = torch.empty((rows.shape[0], w.n), dtype=x.dtype, device=x.device)
     if rows.shape[0] and w.n:
@@ -419,8 +460,8 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, *, block_m: int = 64, block_n: 
         planes += [planes[0]] * (4 - len(planes))
         grid = (triton.cdiv(rows.shape[0], block_m), triton.cdiv(w.n, block_n))
         _gemm[grid](rows, *planes, y, rows.shape[0], w.n, w.k, rows.stride(0), y.stride(0), KIND=w.kind,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-                    PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return y.view(*x.shape[:-1], w.n)
 
 
