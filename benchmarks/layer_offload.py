@@ -91,10 +91,13 @@ def measure(path: Path, n_gpu_layers: int, *, tokens: int, prompt_len: int) -> d
     load = time.perf_counter() - start
     weights_gib = (torch.cuda.memory_allocated() - base) / 2**30
     rng = np.random.default_rng(n_gpu_layers)
-    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate([rng.integers(300, 150000, 16).tolist()], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-    out = llm.generate([rng.integers(300, 150000, 32).tolist()], greedy)[0]
-    prefill_prompt = rng.integers(300, 150000, prompt_len).tolist()
+
+    def prompt(n: int) -> list[int]:
+        return rng.integers(300, llm.config.vocab_size, n).tolist()
+
+    llm.generate([prompt(16)], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    out = llm.generate([prompt(32)], SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))[0]
+    prefill_prompt = prompt(prompt_len)
     pre = llm.generate([prefill_prompt], SamplingParams(max_tokens=1))[0]
     result = {"load_s": load, "gpu_gib": weights_gib, "decode_tok_s": out.metrics.decode_tok_s,
               "prefill_tok_s": prompt_len / pre.metrics.ttft}
