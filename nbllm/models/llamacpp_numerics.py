@@ -1,60 +1,57 @@
-"""llama.cpp-compatible numerics: a forward that rounds where llama.cpp's CPU backend rounds.
+"""llama.cpp-compatible numerics: a forward that computes what llama.cpp's CPU backend computes, bit for bit.
 
 Why: the exact fp32 forward (the default; it equals transformers) and llama.cpp differ by ~0.1-0.5 in the logits,
-mostly because llama.cpp rounds activations to 8 bits before its matmuls. This mode reproduces the rounding of
-llama.cpp's ggml-cpu backend as built by llama-cpp-python on x86 with AVX2 (`-march=native`): fed the same
-inputs, every op matches llama.cpp's output to ~1e-7 (the norms, the GELU and the embedding bit for bit), and a
-short prompt's logits match to ~1e-5. Weights are the same dequantized tensors (the dequant cache is untouched);
-only activations are rounded. What ggml does, and this module copies:
+mostly because llama.cpp rounds activations to 8 bits before its matmuls, and an 8-bit-rounding forward is
+chaotic: a one-ulp difference anywhere moves some value across a rounding step, and the steps cascade (1e-7 of
+relative noise moves the logits by ~0.2). So reproducing llama.cpp's greedy picks at its near-ties takes every op
+bit for bit. This mode does that for llama.cpp's ggml-cpu backend as llama-cpp-python builds it on x86 with AVX2
+(no AVX-512; flash attention off, f16 KV cache: its defaults), checked op by op against the intermediate tensors
+of that build on the default model (Gemma 3 270M Q4_K_M) and end to end on the recorded greedy continuations.
+Weights are the same dequantized tensors; the ops:
 
-- Matmuls against a quantized weight first convert the activation row to the weight type's `vec_dot_type`
-  (`ggml_compute_forward_mul_mat`; `type_traits_cpu` in `ggml-cpu.c`): Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 (Q8_1
-  for Q4_1/Q5_1: same rounding), Q8_K blocks of 256 for the K-quants, f16/bf16 for f16/bf16 weights, nothing for
-  f32. The integer dot products are exact, so the result is the fp32 matmul of the *rounded* activations
-  (`round_q8_0`, `round_q8_K`). The repacked (`REPACK`) and llamafile kernels quantize the same way.
+- Matmuls against Q8_0, Q5_0, Q4_K, Q6_K weights: `nbllm.models.llamacpp_matmul` (the activation rounding to the
+  weight's `vec_dot_type`, integer block dots, the kernel's float order). Other types keep the rounded-input
+  approximation below (`activation_rounding`: the fp32 matmul of the rounded activation, ~1e-7 off).
+- Attention: `nbllm.models.llamacpp_attention` (`LlamaCppKVCache`).
 - RMSNorm sums `x*x` (fp32 products) in double, then `scale = 1.0f / sqrtf(mean + eps)`, `y = x * scale`, and
-  multiplies the weight in a separate op (`ggml_compute_forward_rms_norm_f32`): `rms_norm`.
+  multiplies the weight (`ggml_compute_forward_rms_norm_f32`): `rms_norm`.
 - GELU (GeGLU) looks `gelu(x)` up in an f16 table indexed by `f16(x)` (`GGML_GELU_FP16`, `ggml_vec_geglu_f32`):
   `gelu_tanh_f16`.
 - Rope angles are `pos * theta_scale**i` by repeated fp32 multiplication with `theta_scale =
-  powf(base, -2/n_dims)`, then `cosf`/`sinf`, and the rotation compiles to fused multiply-adds
+  powf(base, -2/n_dims)`, then the C library's `cosf`/`sinf`, and the rotation compiles to fused multiply-adds
   (`ggml_rope_cache_init`, `rotate_pairs`): `LlamaCppRotary`.
-- The KV cache is f16 (llama-cpp-python's default `type_k`/`type_v`; flash attention off), so K, V, the
-  pre-scaled q (`K·q` runs on f16 inputs) and the softmax probabilities (`V·p` likewise) are rounded to f16,
-  with fp32 accumulation: the attention backend does this when built with `kv_dtype=torch.float16`
-  (`DenseKVCache(kv_dtype=torch.float16)`).
+- The graph keeps only the rows whose logits are wanted after the last layer's attention:
+  `nbllm.models.llamacpp_forward.llamacpp_logits`, which runs a batch as llama.cpp does.
 
 Where IEEE results matter to the last bit (q8 scales, the norm's scale), the divisions and square roots are taken
 in float64 and rounded once to float32: that equals C's correctly rounded float ops, whereas torch's float32
-`scalar / tensor` multiplies by a reciprocal and its float32 `sqrt` may be off by an ulp, and an ulp moves
-values across a q8 rounding boundary often enough to matter (activations at exact .5 ties are common).
+`scalar / tensor` multiplies by a reciprocal and its float32 `sqrt` may be off by an ulp.
 
-Not reproduced: the fp32 summation order inside llama.cpp's dot products (its lanes, blocks and repacked
-kernels; ~1e-7 relative) and its softmax `expf` approximation; the SiLU of SwiGLU models (its own `expf`);
-scaled rope (linear/llama3 `rope_freqs`: those layers keep our rotary); Q8_1's f16 block sum.
+Not reproduced: other CPUs' kernels (AVX-512, ARM), flash attention, multi-sequence batches, the SiLU of SwiGLU
+models (its own `expf`), scaled rope (linear/llama3 `rope_freqs`: those layers keep our rotary), Q8_1's f16 block
+sum, and the other layer layouts' row selection (`llamacpp_logits` spells out Gemma 3's).
 
-What that leaves: an 8-bit-rounding forward is chaotic. A one-ulp difference sometimes moves a value across a
-rounding step, the step perturbs the next layer far more than an ulp, and so on: relative noise of 1e-7 on the
-input changes this mode's logits by ~0.2 on average (the exact forward's: by ~5e-6). llama.cpp differs from
-itself by as much between a batched and a token-by-token prompt. Longer prompts therefore land ~0.1-0.3 from
-llama.cpp's logits, like the exact forward, and greedy picks at llama.cpp's near-ties are not reproduced; that
-takes bit-exact copies of its kernels (for Q8_0/Q5_0 weights, emulating the AVX2 lane order does give
-bit-equal outputs).
-
-Use it through `load_model(path, numerics="llamacpp")` with an f16 `DenseKVCache`.
+Use it through `load_model(path, numerics="llamacpp")` and `llamacpp_logits` / `llamacpp_greedy`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from nbllm.models.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from nbllm.models.llamacpp_matmul import EXACT_TYPES, QuantLinear, div32, fma32, quantize_q8_0, quantize_q8_K, unpack
+
+if TYPE_CHECKING:
+    from nbllm.models.weights import WeightSource
 
 __all__ = [
     "LlamaCppRMSNorm",
@@ -74,11 +71,6 @@ QK8_0 = 32
 QK_K = 256
 
 
-def _div(a: torch.Tensor | float, b: torch.Tensor) -> torch.Tensor:
-    """`a / b` rounded once to float32, as C's float division is (torch's `scalar / tensor` is not)."""
-    return torch.div(torch.as_tensor(a, dtype=torch.float64), b.double()).float()
-
-
 def round_f16(x: torch.Tensor) -> torch.Tensor:
     """`x` through f16 and back (round to nearest even, like F16C's `vcvtps2ph`)."""
     return x.to(torch.float16).to(x.dtype)
@@ -90,33 +82,17 @@ def round_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def round_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """`x` quantized to Q8_0 along the last dim (blocks of 32) and dequantized: ggml's x86 `quantize_row_q8_0`.
-
-    Per block `amax = max|x|`, `d = amax / 127` (stored as f16), `q = round_half_even(x * (127 / amax))`; the value
-    is `f16(d) * q`. The AVX2 kernel multiplies by `127 / amax`, not by `1 / d` as the scalar reference
-    (`quantize_row_q8_0_ref`, gguf-py) does, and rounds half to even, not half away from zero: the two differ
-    on ties and one-ulp cases.
-    """
-    blocks = x.float().reshape(*x.shape[:-1], -1, QK8_0)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    d = round_f16(_div(amax.double(), torch.full_like(amax, 127.0)))
-    inv = torch.where(amax == 0, 0.0, _div(127.0, amax))
-    return (torch.round(blocks * inv) * d).reshape(x.shape).to(x.dtype)
+    """`x` quantized to Q8_0 along the last dim as ggml's x86 `quantize_row_q8_0` does, and dequantized
+    (`llamacpp_matmul.quantize_q8_0`)."""
+    q, d = quantize_q8_0(x)
+    return (q.reshape(*d.shape, QK8_0) * d[..., None]).reshape(x.shape).to(x.dtype)
 
 
 def round_q8_K(x: torch.Tensor) -> torch.Tensor:
-    """`x` quantized to Q8_K along the last dim (blocks of 256) and dequantized: `quantize_row_q8_K_ref`.
-
-    x86 uses the reference for rows (and the same rounding in the repacked 4-row kernel): `max` is the signed value
-    of largest magnitude, `iscale = -127 / max`, `q = min(127, nearest_int(iscale * x))` (half to even), and the
-    block scale `d = 1 / iscale` stays float32.
-    """
-    blocks = x.float().reshape(*x.shape[:-1], -1, QK_K)
-    signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
-    zero = signed_max == 0
-    iscale = torch.where(zero, 0.0, _div(-127.0, torch.where(zero, 1.0, signed_max)))
-    d = torch.where(zero, 0.0, _div(1.0, torch.where(zero, 1.0, iscale)))
-    return (torch.round(blocks * iscale).clamp(max=127) * d).reshape(x.shape).to(x.dtype)
+    """`x` quantized to Q8_K along the last dim as `quantize_row_q8_K_ref` does, and dequantized
+    (`llamacpp_matmul.quantize_q8_K`)."""
+    q, d = quantize_q8_K(x)
+    return (q.reshape(*d.shape, QK_K) * d[..., None]).reshape(x.shape).to(x.dtype)
 
 
 # The activation rounding of a matmul against a weight of each type (its `vec_dot_type` in ggml-cpu.c).
@@ -139,7 +115,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()
     root = torch.sqrt((mean + torch.tensor(eps, dtype=torch.float32)).double()).float()
-    return x * _div(1.0, root) * weight.float()
+    return x * div32(1.0, root) * weight.float()
 
 
 class LlamaCppRMSNorm(RMSNorm):
@@ -174,45 +150,78 @@ def gelu_tanh_f16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= -10.0, 0.0, torch.where(x >= 10.0, x.float(), y)).to(x.dtype)
 
 
+def _libm() -> ctypes.CDLL | None:
+    """glibc's libm, whose `cosf`/`sinf`/`powf` llama.cpp calls (not always correctly rounded), or None."""
+    name = ctypes.util.find_library("m")
+    if name is None:
+        return None
+    lib = ctypes.CDLL(name)
+    for fn, args in (("cosf", 1), ("sinf", 1), ("powf", 2)):
+        getattr(lib, fn).restype = ctypes.c_float
+        getattr(lib, fn).argtypes = [ctypes.c_float] * args
+    return lib
+
+
+_LIBM = _libm()
+
+
 class LlamaCppRotary(RotaryEmbedding):
-    """NeoX rope with ggml's angles and its fused multiply-adds.
+    """NeoX rope with ggml's angles, its `cosf`/`sinf` and its fused multiply-adds.
 
     `theta_i = pos * theta_scale**i` is built by repeated fp32 multiplication from `theta_scale = powf(base,
-    -2/head_dim)` (`ggml_rope_cache_init`); cos/sin are correctly rounded (glibc's cosf/sinf nearly always are).
-    The rotation is `fma(x0, cos, -(x1*sin))`, `fma(x0, sin, x1*cos)`, what gcc emits for `rotate_pairs`.
+    -2/head_dim)` (`ggml_rope_cache_init`), then passed to the C library's `cosf`/`sinf` (glibc's are not
+    always correctly rounded, so they are called, not imitated; elsewhere: correctly rounded values). The table
+    grows with the positions seen (a call per angle is slow). The rotation is `fma(x0, cos, -(x1*sin))`,
+    `fma(x0, sin, x1*cos)`, what gcc emits for `rotate_pairs`.
     """
 
     def __init__(self, base: float, head_dim: int, max_positions: int) -> None:
         nn.Module.__init__(self)
-        theta_scale = np.float32(np.float64(base) ** np.float64(np.float32(-2.0) / np.float32(head_dim)))
-        theta = np.arange(max_positions, dtype=np.float32)
-        cos = np.empty((max_positions, head_dim // 2), dtype=np.float32)
+        exponent = float(np.float32(-2.0) / np.float32(head_dim))
+        scale = _LIBM.powf(base, exponent) if _LIBM is not None else np.float64(base) ** exponent
+        self.theta_scale = np.float32(scale)
+        self.half, self.max_positions = head_dim // 2, max_positions
+        # float64 tables (of float32 values): fused float32 rotary kernels, which would not rotate as ggml does,
+        # decline them, so `Attention` calls this module
+        self.register_buffer("cos", torch.empty(0, self.half, dtype=torch.float64), persistent=False)
+        self.register_buffer("sin", torch.empty(0, self.half, dtype=torch.float64), persistent=False)
+
+    def _extend(self, n: int) -> None:
+        theta = np.arange(self.cos.shape[0], n, dtype=np.float32)
+        cos = np.empty((len(theta), self.half), dtype=np.float32)
         sin = np.empty_like(cos)
-        for i in range(head_dim // 2):
-            cos[:, i], sin[:, i] = np.cos(theta.astype(np.float64)), np.sin(theta.astype(np.float64))
-            theta = theta * theta_scale
-        self.register_buffer("cos", torch.from_numpy(cos), persistent=False)
-        self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
+        for i in range(self.half):
+            if _LIBM is not None:
+                cos[:, i] = [_LIBM.cosf(t) for t in theta.tolist()]
+                sin[:, i] = [_LIBM.sinf(t) for t in theta.tolist()]
+            else:
+                cos[:, i], sin[:, i] = np.cos(theta.astype(np.float64)), np.sin(theta.astype(np.float64))
+            theta = theta * self.theta_scale
+        self.cos = torch.cat((self.cos, torch.from_numpy(cos).to(self.cos)))
+        self.sin = torch.cat((self.sin, torch.from_numpy(sin).to(self.sin)))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos = self.cos[positions][:, None, :].double()
-        sin = self.sin[positions][:, None, :].double()
+        if len(positions) and int(positions.max()) >= self.cos.shape[0]:
+            self._extend(int(positions.max()) + 1)
+        cos = self.cos[positions][:, None, :].float()
+        sin = self.sin[positions][:, None, :].float()
         x0, x1 = x.float().chunk(2, dim=-1)
-        # x0 * cos is exact in double, so one rounding of the double sum is the fma's single rounding.
-        out0 = x0.double() * cos - (x1 * sin.float()).double()
-        out1 = x0.double() * sin + (x1 * cos.float()).double()
-        return torch.cat((out0, out1), dim=-1).float().to(x.dtype)
+        out0 = fma32(x0, cos.expand_as(x0), -(x1 * sin))
+        out1 = fma32(x0, sin.expand_as(x0), x1 * cos)
+        return torch.cat((out0, out1), dim=-1).to(x.dtype)
 
 
-def apply_llamacpp_numerics(model: nn.Module, embedding_type: GGMLQuantizationType, *, scaled_rope: bool) -> None:
+def apply_llamacpp_numerics(model: nn.Module, weights: WeightSource, *, scaled_rope: bool) -> None:
     """Switch a loaded model (built with llama.cpp activation rounding on its linears) to llama.cpp's other ops.
 
-    `embedding_type`: the GGUF type of `token_embd.weight`, which a tied lm head multiplies with; `scaled_rope`:
-    the file scales rope (rope scaling or `rope_freqs`), which keeps our rotary on those layers.
+    Linears over GGUF weights of the types `llamacpp_matmul` copies become `QuantLinear`s (llama.cpp's matmul bit
+    for bit); the others keep their rounded input. `scaled_rope`: the file scales rope (rope scaling or
+    `rope_freqs`), which keeps our rotary on those layers.
     """
     config = model.config
     if config.tie_word_embeddings:
-        model.lm_head.round_input = activation_rounding(embedding_type)
+        model.lm_head.round_input = activation_rounding(weights.ggml_type("token_embd.weight"))
+    _exact_linears(model, weights)
     rotaries: dict[float, LlamaCppRotary] = {}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
@@ -228,3 +237,32 @@ def apply_llamacpp_numerics(model: nn.Module, embedding_type: GGMLQuantizationTy
             if base not in rotaries:
                 rotaries[base] = LlamaCppRotary(base, config.head_dim, config.max_positions).to(model.device)
             parent.rotary = rotaries[base]
+
+
+_LINEARS = {"attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.o_proj": "attn_output",
+            "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+
+
+def _exact_linears(model: nn.Module, weights: WeightSource) -> None:
+    """Replace each dense linear whose GGUF weight type `llamacpp_matmul` copies by a `QuantLinear` over the same
+    (fixed-up) integers, sharing the dense weight tensor."""
+    file = getattr(weights, "file", None)
+    if file is None or model.device.type != "cpu":
+        return
+    targets = [(model, "lm_head", "token_embd" if model.config.tie_word_embeddings else "output")]
+    for i, layer in enumerate(model.layers):
+        for path, tensor in _LINEARS.items():
+            parent, _, attr = path.rpartition(".")
+            targets.append((layer.get_submodule(parent), attr, f"blk.{i}.{tensor}"))
+    for parent, attr, tensor in targets:
+        linear, name = getattr(parent, attr), f"{tensor}.weight"
+        if type(linear) is not Linear or linear.bias is not None or not weights.has(name):
+            continue
+        qtype = weights.ggml_type(name)
+        rows, cols = linear.weight.shape
+        if qtype not in EXACT_TYPES or (qtype == Q.Q4_K and rows % 8):  # unrepacked Q4_K: another kernel
+            continue
+        parts = unpack(qtype, file.tensor_bytes(name), rows, cols)
+        if weights.fixups is not None:
+            parts = {k: weights.fixups(name, v) for k, v in parts.items()}
+        setattr(parent, attr, QuantLinear(qtype, parts, linear.weight))

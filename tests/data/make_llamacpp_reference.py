@@ -18,6 +18,12 @@ and records whether it agrees.
 
 Run: ``python3 tests/data/make_llamacpp_reference.py`` (from anywhere; the first run builds llama.cpp,
 10-20 min on 2 cores).
+
+The recorded file comes from an AVX2 build without AVX-512 (its ``system_info``), and ``numerics="llamacpp"``
+(``tests/test_llamacpp_numerics.py``) reproduces that build's kernels bit for bit; an AVX-512 machine compiles
+other kernels with ``-march=native``. To regenerate there, build the venv for the AVX2 kernels, e.g.
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+-DGGML_AVX512=OFF" pip install llama-cpp-python==0.3.36`` into a venv named by ``NBLLM_LLAMACPP_VENV``.
 """
 from __future__ import annotations
 
