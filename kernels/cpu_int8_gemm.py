@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, unavailable_reason
+from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
 
 __all__ = ["int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
 
@@ -76,7 +76,7 @@ def int8_linear(
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     if x2.shape[0]:
         args = (x2.data_ptr(), x2.shape[0], k, q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, y.data_ptr(), n,
-                torch.get_num_threads())
+                num_threads())
         if activation_block is None:
             lib.nbllm_int8_gemm(*args)
         else:
@@ -97,6 +97,6 @@ def int8_dequantize(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) ->
     out = torch.empty(q.shape, dtype=torch.float32)
     if q.numel():
         lib.nbllm_int8_dequantize(q.data_ptr(), s.data_ptr(), _ptr(o), q.shape[0], q.shape[1], group,
-                                  out.data_ptr(), torch.get_num_threads())
+                                  out.data_ptr(), num_threads())
     return out
 

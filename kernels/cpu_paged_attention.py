@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, unavailable_reason
+from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
 
 __all__ = ["paged_decode_attention", "supports"]
 
@@ -61,4 +61,4 @@ def paged_decode_attention(
     _, block_size, hkv, d = k_cache.shape
     _function()(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], hkv,
                 d, block_tables.data_ptr(), block_tables.shape[1], cu_query_lens.data_ptr(), context_lens.data_ptr(),
-                seqs.data_ptr(), seqs.numel(), scale, sliding_window or 0, torch.get_num_threads())
+                seqs.data_ptr(), seqs.numel(), scale, sliding_window or 0, num_threads())

@@ -12,7 +12,7 @@ from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, unavailable_reason
+from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
 
 __all__ = ["rms_norm", "supports"]
 
@@ -51,5 +51,5 @@ def rms_norm(
         total = torch.empty(x.shape, dtype=torch.float32)
         res_ptr, total_ptr = residual.data_ptr(), total.data_ptr()
     _function()(x2.data_ptr(), x2.stride(0), res_ptr, total_ptr, weight.contiguous().data_ptr(), x2.shape[0], cols,
-                eps, out.data_ptr(), cols, torch.get_num_threads())
+                eps, out.data_ptr(), cols, num_threads())
     return out, total

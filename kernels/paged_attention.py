@@ -13,8 +13,9 @@ CPU strategy: sequences with a few queries (decode, speculative verification) go
 compiler, non-fp32 pools) they are attended together in torch: the blocks they can reach are gathered into a
 padded `[B, L, Hkv, D]` batch and one SDPA call with a length/window mask does them all (in cache-sized slices of
 the batch), so a 64-sequence decode step costs a handful of tensor ops instead of 64 python loops; that path is
-also the kernel's reference. Longer query runs (prefill chunks) have enough work to go one sequence at a time. Both use SDPA's fused CPU kernel, exact to
-~1e-6 against fp32 matmul + softmax and 3-4x faster than it (it needs 4-d inputs, hence the batch dims below).
+also the kernel's reference. Longer query runs (prefill chunks) have enough work to go one sequence at a time.
+Both torch paths use SDPA's fused CPU kernel, exact to ~1e-6 against fp32 matmul + softmax and 3-4x faster than
+it (it needs 4-d inputs, hence the batch dims below).
 
 The index work (which slots, which masks) depends only on the step's batch, not on the layer, so it is split out:
 `plan_paged_attention` once per step (and window size), `run_paged_attention` per layer. At batch 1 the plan is

@@ -148,7 +148,8 @@ def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block,
     q = torch.randint(*codes, (n, k), dtype=torch.int8, generator=gen)
     s = torch.rand(n, k // group, generator=gen)
     o = torch.rand(n, k // group, generator=gen) if offset else None
-    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k // 32, 1, generator=gen).repeat_interleave(32, 1)[..., 0]
+    spread = torch.rand(rows, k // 32, generator=gen).repeat_interleave(32, 1)  # blocks of different magnitudes
+    x = torch.randn(rows, k, generator=gen) * spread
     got = int8_linear(x, q, s, o, activation_block=block).double()
     rounded = (round_q8_0 if block == 32 else round_q8_K)(x).double()
     want = rounded @ Int8Weight(q, s, o).dequantize().double().T

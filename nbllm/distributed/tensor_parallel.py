@@ -38,7 +38,7 @@ from nbllm.models.config import ModelConfig
 @dataclass(frozen=True)
 class ShardSpec:
     """What a worker needs to build its rank: the model file, the group size, the base device (rank r runs on
-    `cuda:base+r`, or the CPU), dtype, KV block size and its number of CPU threads."""
+    `cuda:base+r`, or the CPU), dtype, KV block size, its number of CPU threads and the numerics (`load_model`'s)."""
 
     path: str
     size: int
@@ -46,6 +46,7 @@ class ShardSpec:
     dtype: torch.dtype
     block_size: int
     threads: int
+    numerics: str = "fast"
 
 
 def rank_device(base: torch.device, rank: int) -> torch.device:
@@ -56,9 +57,10 @@ def rank_device(base: torch.device, rank: int) -> torch.device:
 class TensorParallelWorkers:
     """Ranks 1..n-1 of a tensor-parallel group, seen from rank 0 (`group` is rank 0's end)."""
 
-    def __init__(self, path: str | Path, size: int, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
+    def __init__(self, path: str | Path, size: int, device: torch.device, dtype: torch.dtype, block_size: int,
+                 numerics: str = "fast") -> None:
         threads = max(1, (os.cpu_count() or 1) // size)
-        self.spec = ShardSpec(str(path), size, str(device), dtype, block_size, threads)
+        self.spec = ShardSpec(str(path), size, str(device), dtype, block_size, threads, numerics)
         ctx = mp.get_context("spawn")
         self._store = create_store(size)
         self._errors = ctx.SimpleQueue()
@@ -142,7 +144,7 @@ def _worker_main(spec: ShardSpec, rank: int, port: int, errors) -> None:
         store.set(f"up{rank}", "1")
         device = rank_device(torch.device(spec.device), rank)
         group = TensorParallelGroup(store, rank, spec.size, device)
-        model, config = load_shard(spec.path, group, dtype=spec.dtype)
+        model, config = load_shard(spec.path, group, dtype=spec.dtype, numerics=spec.numerics)
         capacity = sys.maxsize
         if device.type == "cuda":
             capacity = gpu_kv_memory_bytes(device) // KVPool.bytes_per_block(model.config, spec.block_size, spec.dtype)
@@ -156,16 +158,16 @@ def _worker_main(spec: ShardSpec, rank: int, port: int, errors) -> None:
 
 
 def start_tensor_parallel(file: GGUFFile, size: int, device: torch.device, dtype: torch.dtype, block_size: int,
-                          ) -> tuple[TensorParallelWorkers, CausalLM, ModelConfig]:
+                          numerics: str = "fast") -> tuple[TensorParallelWorkers, CausalLM, ModelConfig]:
     """Check that `size` ranks fit this model and machine, start ranks 1..size-1, and load rank 0's shard here
     (the workers load theirs meanwhile). Returns the workers, rank 0's model and the full model's config."""
     check_tensor_parallel(ModelConfig.from_gguf_metadata(file.metadata, source=str(file.path)), size)
     if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
         raise ParallelConfigError(f"tensor_parallel_size={size} needs {size} GPUs from {device}, but "
                                   f"{torch.cuda.device_count()} are visible; lower tensor_parallel_size")
-    workers = TensorParallelWorkers(file.path, size, device, dtype, block_size)
+    workers = TensorParallelWorkers(file.path, size, device, dtype, block_size, numerics)
     try:
-        model, config = load_shard(file, workers.group, dtype=dtype)
+        model, config = load_shard(file, workers.group, dtype=dtype, numerics=numerics)
     except BaseException:
         workers.close()
         raise

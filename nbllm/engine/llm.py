@@ -74,6 +74,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
         kv_offload_gb: float = 0.0,
+        numerics: str = "fast",
     ) -> None:
         """`tensor_parallel_size` > 1 splits every layer over that many processes (this one and spawned workers,
         one GPU each on CUDA); `data_parallel_size` > 1 serves from that many replicas, each in its own process,
@@ -82,7 +83,11 @@ class LLM:
         `kv_offload_gb` > 0 gives the prefix cache a second tier of that many GiB of host RAM (per replica):
         cached prefixes evicted from the KV pool move there and are copied back on a later hit instead of being
         prefilled again -- a multi-turn chat keeps its history across many other requests. It needs prefix
-        caching and one process per replica (no tensor parallelism)."""
+        caching and one process per replica (no tensor parallelism).
+
+        `numerics` as in `load_model`: "fast" (default; on a CPU, int8 weights times activations rounded to int8 as
+        llama.cpp rounds them), "exact" (transformers' fp32 results; greedy output independent of the parallel
+        sizes), "llamacpp"."""
         if kv_offload_gb < 0:
             raise NbllmError(f"kv_offload_gb must be >= 0, got {kv_offload_gb}")
         if kv_offload_gb and not enable_prefix_caching:
@@ -103,14 +108,15 @@ class LLM:
                             "enable_prefix_caching": enable_prefix_caching, "seed": seed, "max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len,
                             "speculative_tokens": speculative_tokens, "ngram_max": ngram_max, "ngram_min": ngram_min,
-                            "tensor_parallel_size": tensor_parallel_size, "kv_offload_gb": kv_offload_gb}
+                            "tensor_parallel_size": tensor_parallel_size, "kv_offload_gb": kv_offload_gb,
+                            "numerics": numerics}
             self.engine = DataParallelEngine(path, data_parallel_size, dev, replica_args)
             self.model, self.config, self.tokenizer = None, self.engine.config, self.engine.tokenizer
             self._ids = itertools.count()
             self._close = weakref.finalize(self, self.engine.close)
             return
         self.model, self.config, self.tokenizer, workers = _load(path, dev, dtype, tensor_parallel_size, block_size,
-                                                                 n_gpu_layers)
+                                                                 n_gpu_layers, numerics)
         if workers is not None:
             self._close = weakref.finalize(self, workers.close)
         max_len = min(max_model_len or self.config.max_positions, self.config.max_positions)
@@ -322,7 +328,8 @@ def _num_kv_blocks(model: CausalLM, block_size: int, kv_cache_tokens: int | None
 
 
 def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_size: int, block_size: int,
-          n_gpu_layers: int | None) -> tuple[CausalLM, ModelConfig, Tokenizer, TensorParallelWorkers | None]:
+          n_gpu_layers: int | None, numerics: str
+          ) -> tuple[CausalLM, ModelConfig, Tokenizer, TensorParallelWorkers | None]:
     """Model and tokenizer from one open GGUF (its header is parsed once); with tensor parallelism, rank 0's
     shard and the started workers."""
     if path.is_dir():
@@ -330,11 +337,11 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_
     file = open_gguf(path)
     tokenizer = Tokenizer.from_metadata(file.metadata)
     if tensor_parallel_size == 1:
-        model, config = load_model(file, device=device, dtype=dtype, n_gpu_layers=n_gpu_layers)
+        model, config = load_model(file, device=device, dtype=dtype, n_gpu_layers=n_gpu_layers, numerics=numerics)
         return model, config, tokenizer, None
     from nbllm.distributed.tensor_parallel import start_tensor_parallel
 
-    workers, model, config = start_tensor_parallel(file, tensor_parallel_size, device, dtype, block_size)
+    workers, model, config = start_tensor_parallel(file, tensor_parallel_size, device, dtype, block_size, numerics)
     return model, config, tokenizer, workers
 
 

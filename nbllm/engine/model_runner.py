@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from nbllm.engine.overlap import resolve_placeholders
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
+from nbllm.kernels.cpu_library import kernels_own_the_threads
 from nbllm.kernels.paged_attention import (
     PagedAttentionPlan,
     plan_paged_attention,
@@ -265,13 +266,15 @@ class ModelRunner:
         ids = put(inputs.ids)
         if placeholders is not None:
             resolve_placeholders(ids, placeholders)
-        hidden = self.model(ids, put(inputs.positions), attn)
-        rows = inputs.logit_rows
-        if not rows:
-            return hidden.new_empty((0, self.config.vocab_size))
-        if rows != list(range(hidden.shape[0])):
-            hidden = hidden[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)]
-        return self.model.compute_logits(hidden).to(dev)  # a split model's head is on another device
+        # On a CPU the forward's heavy work is the C++ kernels': torch stays on one thread meanwhile.
+        with kernels_own_the_threads() if dev.type == "cpu" else nullcontext():
+            hidden = self.model(ids, put(inputs.positions), attn)
+            rows = inputs.logit_rows
+            if not rows:
+                return hidden.new_empty((0, self.config.vocab_size))
+            if rows != list(range(hidden.shape[0])):
+                hidden = hidden[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)]
+            return self.model.compute_logits(hidden).to(dev)  # a split model's head is on another device
 
     def _attention(self, inputs: StepInputs, dev: torch.device) -> PagedAttention | TritonPagedAttention:
         """This step's backend for the layers on `dev`: the Triton kernels on CUDA, torch elsewhere."""
