@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from nbllm.errors import NbllmError
 from nbllm.loader import load_model
 from nbllm.models import DenseKVCache, causal_attention
 from nbllm.models.layers import Linear, RMSNorm, RotaryEmbedding, rope_inv_freq
@@ -323,6 +324,9 @@ def test_llamacpp_kv_cache_close_to_the_f16_dense_cache():
         cache.prepare([0], [1])  # then one token: the other dot-product order
         outs.append(torch.cat((first, cache.forward(0, q[8:], k[8:], v[8:], scale=0.0625, sliding_window=None))))
     assert (outs[0] - outs[1]).abs().max() < 1e-5
+    cache.prepare([0, 1], [1, 1])
+    with pytest.raises(NbllmError, match="one sequence"):
+        cache.forward(0, q[:2], k[:2], v[:2], scale=0.0625, sliding_window=None)
 
 
 def test_load_model_rejects_unknown_numerics(tiny_model):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from nbllm.errors import NbllmError
 from nbllm.models.attention import DenseKVCache
 from nbllm.models.llamacpp_matmul import fma32, hsum_float_8
 
@@ -138,7 +139,9 @@ class LlamaCppKVCache(DenseKVCache):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
-        (seq_id, n), = self._plan
+        if len(self._plan) != 1:
+            raise NbllmError("LlamaCppKVCache runs one sequence per forward, as llama.cpp ran the reference prompts")
+        ((seq_id, n),) = self._plan
         layers = self._kv.setdefault(seq_id, [])
         layers.extend([None] * (layer + 1 - len(layers)))
         cached = layers[layer]

@@ -1,4 +1,4 @@
-"""Run a `numerics="llamacpp"` model the way llama.cpp runs a batch: `llamacpp_logits`, `llamacpp_greedy`.
+"""Run a `numerics="llamacpp"` model the way llama.cpp runs a batch: `llamacpp_logits`.
 
 Why: llama.cpp's graph drops the rows nobody asked logits for right after the last layer's attention
 (`inp_out_ids`), so that layer's feed-forward runs on fewer rows, and for some weights (the repacked Q4_K) the
@@ -17,10 +17,10 @@ from nbllm.models.base import CausalLM
 from nbllm.models.gemma3 import Gemma3DecoderLayer
 from nbllm.models.layers import Attention, GatedMLP
 from nbllm.models.llamacpp_attention import LlamaCppKVCache
-from nbllm.models.llamacpp_matmul import QuantLinear
+from nbllm.models.llamacpp_matmul import ROW_SELECTABLE, QuantLinear
 from nbllm.models.llamacpp_numerics import activation_rounding
 
-__all__ = ["llamacpp_greedy", "llamacpp_logits"]
+__all__ = ["HEAD_MARGIN", "llamacpp_logits"]
 
 
 def _attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor, cache: LlamaCppKVCache) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _head(model: CausalLM, h: torch.Tensor, margin: float | None) -> torch.Tenso
     """The output head: exact everywhere (`margin=None`), or exact within `margin` of each row's top logit and
     the fast fp32 matmul of the same rounded activations elsewhere (an exact head costs seconds a row)."""
     head = model.lm_head
-    if margin is None or not isinstance(head, QuantLinear):
+    if margin is None or not isinstance(head, QuantLinear) or head.qtype not in ROW_SELECTABLE:
         return model.compute_logits(h)
     logits = F.linear(activation_rounding(head.qtype)(h), head.weight)
     for r in range(h.shape[0]):
@@ -83,17 +83,3 @@ def llamacpp_logits(model: CausalLM, ids: list[int], start: int, cache: LlamaCpp
         for i, layer in enumerate(model.layers):
             h = _layer(layer, h, positions, cache, rows if i == len(model.layers) - 1 else slice(None))
         return _head(model, model.norm(h), margin)
-
-
-def llamacpp_greedy(model: CausalLM, prompt: list[int], n: int, eog: list[int] | tuple[int, ...] = ()) -> list[int]:
-    """Greedy tokens as llama-cpp-python's `eval` produces them: the prompt as one batch, then one token a step;
-    stops after `n` tokens or at an end-of-generation id (included)."""
-    cache = LlamaCppKVCache()
-    out: list[int] = []
-    feed, start = list(prompt), 0
-    while len(out) < n:
-        out.append(int(llamacpp_logits(model, feed, start, cache)[-1].argmax()))
-        if out[-1] in eog:
-            break
-        start, feed = start + len(feed), out[-1:]
-    return out

@@ -29,7 +29,10 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-__all__ = ["EXACT_TYPES", "QuantLinear", "div32", "fma32", "hsum_float_8", "quantize_q8_0", "quantize_q8_K", "unpack"]
+__all__ = [
+    "EXACT_TYPES", "ROW_SELECTABLE", "QuantLinear", "div32", "fma32", "hsum_float_8", "quantize_q8_0", "quantize_q8_K",
+    "unpack",
+]
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -202,7 +205,7 @@ class QuantLinear(nn.Module):
         """`x @ W.T` as llama.cpp computes it; `rows`: only those outputs (Q8_0/Q5_0 weights: an output head)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
-        if self.qtype in (Q.Q8_0, Q.Q5_0):
+        if self.qtype in ROW_SELECTABLE:
             y = self._q8_0_dot(x, rows)
         elif rows is not None:
             raise ValueError(f"output rows are only selectable for Q8_0/Q5_0 weights, not {self.qtype.name}")
@@ -284,3 +287,4 @@ class QuantLinear(nn.Module):
 
 
 EXACT_TYPES = frozenset({Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q4_K})
+ROW_SELECTABLE = frozenset({Q.Q8_0, Q.Q5_0})  # `QuantLinear(x, rows=...)` computes only some outputs

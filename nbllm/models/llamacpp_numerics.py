@@ -31,7 +31,8 @@ Not reproduced: other CPUs' kernels (AVX-512, ARM), flash attention, multi-seque
 models (its own `expf`), scaled rope (linear/llama3 `rope_freqs`: those layers keep our rotary), Q8_1's f16 block
 sum, and the other layer layouts' row selection (`llamacpp_logits` spells out Gemma 3's).
 
-Use it through `load_model(path, numerics="llamacpp")` and `llamacpp_logits` / `llamacpp_greedy`.
+Use it through `load_model(path, numerics="llamacpp")` and `nbllm.models.llamacpp_forward.llamacpp_logits` (greedy:
+the prompt as one batch, then a token at a time, as `tests/test_llamacpp_numerics.py` does).
 """
 
 from __future__ import annotations
