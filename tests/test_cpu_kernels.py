@@ -58,3 +58,23 @@ def test_layers_use_the_kernels_only_where_they_apply() -> None:
     norm = RMSNorm(torch.rand(60), 1e-6)
     x = torch.randn(3, 60)
     torch.testing.assert_close(norm(x), _torch_norm(x, norm.weight, 1e-6))
+
+
+def test_row_argmax_logsumexp_matches_torch() -> None:
+    """The sampler's per-row argmax (first maximum) and logsumexp, against torch (logsumexp in double)."""
+    from nbllm.kernels.cpu_sampling import row_argmax_logsumexp
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 262_147, generator=gen) * 5  # a vocabulary that is not a multiple of 8
+    x[1, 1000] = float("-inf")
+    x[2] = float("-inf")  # a constrained row with one allowed token
+    x[2, 7] = 2.0
+    x[3, 10] = x[3, 20] = 100.0  # a tie: the first wins
+    x[4, -1] = 200.0  # the maximum in the scalar tail
+    best, lse = row_argmax_logsumexp(x)
+    assert torch.equal(best, x.argmax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(x.double(), -1).float(), atol=0, rtol=2e-7)
+    view = x[:, 5:1005]  # rows with a stride
+    best, lse = row_argmax_logsumexp(view)
+    assert torch.equal(best, view.argmax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(view.double(), -1).float(), atol=0, rtol=2e-7)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from nbllm.engine.sampling_params import SamplingParams
+from nbllm.kernels import cpu_sampling
 
 # Top-p candidates are the rows' largest logits; this many first, eight times more while p is not reached.
 _TOP_P_FIRST_CANDIDATES = 1024
@@ -144,13 +145,13 @@ class Sampler:
         x = logits.to(torch.float32)
         if allowed_mask is not None:
             x = x.masked_fill(~allowed_mask, -math.inf)
-        raw_logprobs = torch.log_softmax(x, dim=-1)
+        best, lse = _argmax_logsumexp(x)  # raw log-probabilities are x - lse
         owned = x is not logits  # else never write into it: it is the caller's
 
         token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         if batch.greedy_rows.numel():
             greedy = _penalized_rows(x, batch.greedy_rows, batch, owned)
-            token_ids[batch.greedy_rows] = greedy.argmax(dim=-1)
+            token_ids[batch.greedy_rows] = best if greedy is x else _argmax_logsumexp(greedy)[0]
         if batch.random_rows.numel():
             rows = batch.random_rows
             scale = batch.random_scaled
@@ -162,8 +163,15 @@ class Sampler:
                          if batch.random_filtered else None)
             token_ids[rows] = sample(probs, scaled, keep_from, _uniforms(batch.generators, x.device))
 
-        sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-        return SampleResult(token_ids, sampled_logprobs, _top_logprobs(raw_logprobs, batch))
+        sampled_logprobs = x.gather(1, token_ids[:, None]).squeeze(1) - lse
+        return SampleResult(token_ids, sampled_logprobs, _top_logprobs(x, lse, batch))
+
+
+def _argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (the first maximum) and logsumexp: one C++ pass pair on a CPU, torch elsewhere."""
+    if cpu_sampling.supports(x):
+        return cpu_sampling.row_argmax_logsumexp(x)
+    return x.argmax(dim=-1), torch.logsumexp(x, dim=-1)
 
 
 def _penalized_rows(
@@ -285,11 +293,14 @@ def _uniforms(generators: list[torch.Generator | None], device: torch.device) ->
     return draws.to(device)
 
 
-def _top_logprobs(raw_logprobs: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _top_logprobs(
+    x: torch.Tensor, lse: torch.Tensor, batch: SamplingBatch
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not batch.logprob_rows.numel():
         return None
-    values, ids = raw_logprobs[batch.logprob_rows].topk(batch.max_logprobs, dim=-1)
-    shape = (raw_logprobs.shape[0], batch.max_logprobs)
+    rows = batch.logprob_rows
+    values, ids = (x[rows] - lse[rows, None]).topk(batch.max_logprobs, dim=-1)
+    shape = (x.shape[0], batch.max_logprobs)
     all_ids = torch.full(shape, -1, dtype=torch.long, device=ids.device)
     all_values = torch.full(shape, -math.inf, device=values.device)
     all_ids[batch.logprob_rows] = ids
