@@ -51,11 +51,12 @@ class Pool {
     }
 
    private:
-    // Between calls a helper waits busy (a sleeping thread takes ~0.1-0.5 ms to wake in a VM), but yields its core
-    // after ~50 us of pause loops: torch's OpenMP threads run between our calls on the same cores, and
-    // a helper that only paused would hold a core they need for a whole time slice (measured: a 0.2 ms
-    // log_softmax taking 3.6 ms). After ~kYields yields (about a millisecond idle) it sleeps.
-    static constexpr int kPauses = 1 << 11;
+    // Between calls a helper waits busy (a sleeping thread takes ~0.1-0.5 ms to wake in a VM) for ~350 us of pause
+    // loops: the gaps between a forward's kernel calls (its Python and torch ops) are shorter, and a yielding helper
+    // may lose its core to another process for a time slice (measured: 4096x640 calls 100 us apart took 317 us
+    // instead of 178). Then it yields for ~kYields more rounds before it sleeps: torch's OpenMP threads, which run
+    // on the same cores outside our forwards (`kernels_own_the_threads`), get the core it no longer needs.
+    static constexpr int kPauses = 1 << 14;
     static constexpr int kYields = 1 << 11;
 
     // Claim and run chunks of generation `gen` until none is left; a stale generation claims nothing.
