@@ -29,6 +29,7 @@ struct Q8Rows {
     std::vector<int8_t> q;
     std::vector<float> d;
     std::vector<float> group_sums;
+    std::vector<int32_t> neg_sums;  // -128 * (sum of codes 4i..4i+3), [M, K / 4]: the wide path's starting sums
 };
 
 inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
@@ -57,12 +58,17 @@ inline float quantize_block(const float* x, int64_t n, bool q8_k, int8_t* codes)
 
 Q8Rows quantize(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t G, int64_t act_block, bool sums) {
     const int64_t blocks = K / kBlock, groups = K / G, per = act_block / kBlock;
-    Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(sums ? M * groups : 0)};
+    Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(sums ? M * groups : 0),
+             std::vector<int32_t>(M * K / 4)};
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t b = 0; b < K / act_block; ++b) {
             const float d = quantize_block(x + m * ldx + b * act_block, act_block, act_block != kBlock,
                                            r.q.data() + m * K + b * act_block);
             std::fill(r.d.begin() + m * blocks + b * per, r.d.begin() + m * blocks + (b + 1) * per, d);
+        }
+        for (int64_t i = 0; i < K / 4; ++i) {
+            const int8_t* c = r.q.data() + m * K + 4 * i;
+            r.neg_sums[m * (K / 4) + i] = -128 * (c[0] + c[1] + c[2] + c[3]);
         }
         if (sums) {
             for (int64_t g = 0; g < groups; ++g) {
@@ -132,7 +138,9 @@ inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 // The same sums with 512-bit vectors, two blocks of 32 at a time (K a multiple of 64): half the instructions, and
 // 32 registers hold a 4 x 4 tile. Whether a weight takes this path depends on its K, never on M, so rows stay
-// batch-invariant.
+// batch-invariant. Instead of the sign trick, weights are made unsigned (w + 128, one xor per weight vector,
+// shared by the tile's columns) and each dot product starts from -128 * sum(x): VNNI's accumulator input makes
+// the correction free, four instructions per weight vector and activation row instead of five.
 constexpr int kWideCols = 4;
 
 // 16 lanes of scales: lanes 4i..4i+3 cover codes 16i..16i+15, i.e. group i for G = 16, group i / 2 for G = 32.
@@ -151,23 +159,21 @@ inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b += 2) {
-        __m512i xv[C];
+        __m512i xv[C], start[C];
         __m512 dx[C];
         for (int c = 0; c < C; ++c) {
             xv[c] = _mm512_loadu_si512(xq.q.data() + (m0 + c) * K + b * kBlock);
+            start[c] = _mm512_loadu_si512(xq.neg_sums.data() + (m0 + c) * (K / 4) + b * kBlock / 4);
             const float* d = xq.d.data() + (m0 + c) * blocks + b;
             dx[c] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
         }
         for (int r = 0; r < R; ++r) {
             const int8_t* wp = q + r * K + b * kBlock;
             _mm_prefetch(reinterpret_cast<const char*>(wp + 4096), _MM_HINT_T0);
-            const __m512i w = _mm512_loadu_si512(wp);
-            const __m512i aw = _mm512_abs_epi8(w);
-            const __mmask64 negative = _mm512_movepi8_mask(w);
+            const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wp), _mm512_set1_epi8(static_cast<char>(0x80)));
             const __m512 sv = wide_scales<G>(s + r * groups + b * kBlock / G);
             for (int c = 0; c < C; ++c) {
-                const __m512i sx = _mm512_mask_sub_epi8(xv[c], negative, _mm512_setzero_si512(), xv[c]);
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                const __m512i dot = _mm512_dpbusd_epi32(start[c], wu, xv[c]);
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dx[c]), acc[r][c]);
             }
         }
