@@ -24,13 +24,15 @@ Other weight types keep the rounded-activation approximation (`activation_roundi
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
 __all__ = [
-    "EXACT_TYPES", "ROW_SELECTABLE", "QuantLinear", "div32", "fma32", "hsum_float_8", "quantize_q8_0", "quantize_q8_K",
+    "EXACT_TYPES", "ROW_SELECTABLE", "QuantLinear", "div32", "fma32", "fma32_", "hsum_float_8", "quantize_q8_0", "quantize_q8_K",
     "unpack",
 ]
 
@@ -63,23 +65,31 @@ def _fma32_emulated(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
     return r
 
 
+@cache
 def _native_fma() -> bool:
     """Whether torch's float32 `addcmul` on this build is a fused multiply-add (x86 builds vectorize it as one):
-    checked once against the emulation on values where fused and unfused results differ."""
+    checked once, in place and not, against the emulation on values where fused and unfused results differ."""
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(4099, generator=g) for _ in range(3))
-    return torch.equal(torch.addcmul(c, a, b), _fma32_emulated(a, b, c))
-
-
-_NATIVE_FMA = _native_fma()
+    expected = _fma32_emulated(a, b, c)
+    strided = torch.zeros(4099, 2)[:, 0].copy_(c)  # in place on a strided view: the unvectorized loop
+    return (torch.equal(torch.addcmul(c, a, b), expected) and torch.equal(c.clone().addcmul_(a, b), expected)
+            and torch.equal(strided.addcmul_(a, b), expected))
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """`fmaf(a, b, c)` on float32 tensors (broadcast): `a*b + c` rounded once, as AVX2's `vfmadd` computes it."""
-    if _NATIVE_FMA:
+    if _native_fma():
         a, b, c = torch.broadcast_tensors(a.float(), b.float(), c.float())
         return torch.addcmul(c, a, b)
     return _fma32_emulated(a, b, c)
+
+
+def fma32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`acc = fmaf(a, b, acc)` in place (float32 `acc` of the broadcast shape): the accumulation loops' form."""
+    if _native_fma():
+        return acc.addcmul_(a, b)
+    return acc.copy_(_fma32_emulated(a, b, acc))
 
 
 def hsum_float_8(x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +240,13 @@ class QuantLinear(nn.Module):
         for o0 in range(0, self._q.shape[0] if rows is None else len(rows), chunk):
             part = slice(o0, o0 + chunk) if rows is None else rows[o0 : o0 + chunk]
             wl = self._lanes if self._lanes is not None and rows is None else self._lane_weights(part)
-            lanes = torch.bmm(xl, wl).reshape(nb, 8, t, -1)  # exact: |sum| < 2^16
             d = self._d[part].T[:, None, :] * xd.T[:, :, None]  # [nb, T, O], f32(d_w * d_x)
             acc = torch.zeros(8, t, wl.shape[-1])
-            for b in range(nb):
-                acc = fma32(d[b], lanes[b], acc)
+            for t0 in range(0, t, 8):  # a few tokens at a time: their lanes and accumulators stay in cache
+                lanes = torch.bmm(xl[:, t0 : t0 + 8], wl).reshape(nb, 8, -1, wl.shape[-1])  # exact: |sum| < 2^16
+                rows_acc, rows_d = acc[:, t0 : t0 + 8], d[:, t0 : t0 + 8]
+                for b in range(nb):
+                    fma32_(rows_acc, rows_d[b], lanes[b])
             outs.append(hsum_float_8(acc.permute(1, 2, 0)))
         return torch.cat(outs, dim=-1)
 

@@ -151,8 +151,10 @@ def gelu_tanh_f16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= -10.0, 0.0, torch.where(x >= 10.0, x.float(), y)).to(x.dtype)
 
 
+@cache
 def _libm() -> ctypes.CDLL | None:
-    """glibc's libm, whose `cosf`/`sinf`/`powf` llama.cpp calls (not always correctly rounded), or None."""
+    """glibc's libm, whose `cosf`/`sinf`/`powf` llama.cpp calls (not always correctly rounded), or None; looked up
+    on first use (`find_library` runs a subprocess: not at import)."""
     name = ctypes.util.find_library("m")
     if name is None:
         return None
@@ -161,9 +163,6 @@ def _libm() -> ctypes.CDLL | None:
         getattr(lib, fn).restype = ctypes.c_float
         getattr(lib, fn).argtypes = [ctypes.c_float] * args
     return lib
-
-
-_LIBM = _libm()
 
 
 class LlamaCppRotary(RotaryEmbedding):
@@ -179,7 +178,8 @@ class LlamaCppRotary(RotaryEmbedding):
     def __init__(self, base: float, head_dim: int, max_positions: int) -> None:
         nn.Module.__init__(self)
         exponent = float(np.float32(-2.0) / np.float32(head_dim))
-        scale = _LIBM.powf(base, exponent) if _LIBM is not None else np.float64(base) ** exponent
+        libm = _libm()
+        scale = libm.powf(base, exponent) if libm is not None else np.float64(base) ** exponent
         self.theta_scale = np.float32(scale)
         self.half, self.max_positions = head_dim // 2, max_positions
         # float64 tables (of float32 values): fused float32 rotary kernels, which would not rotate as ggml does,
@@ -191,10 +191,11 @@ class LlamaCppRotary(RotaryEmbedding):
         theta = np.arange(self.cos.shape[0], n, dtype=np.float32)
         cos = np.empty((len(theta), self.half), dtype=np.float32)
         sin = np.empty_like(cos)
+        libm = _libm()
         for i in range(self.half):
-            if _LIBM is not None:
-                cos[:, i] = [_LIBM.cosf(t) for t in theta.tolist()]
-                sin[:, i] = [_LIBM.sinf(t) for t in theta.tolist()]
+            if libm is not None:
+                cos[:, i] = [libm.cosf(t) for t in theta.tolist()]
+                sin[:, i] = [libm.sinf(t) for t in theta.tolist()]
             else:
                 cos[:, i], sin[:, i] = np.cos(theta.astype(np.float64)), np.sin(theta.astype(np.float64))
             theta = theta * self.theta_scale
