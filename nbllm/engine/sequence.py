@@ -103,7 +103,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             text_delta=self.text[self.emitted_text_len : safe],
-            token_ids_delta=list(out_ids[self.emitted_tokens :]),
+            token_ids_delta=out_ids[self.emitted_tokens :],
         )
         self.emitted_text_len, self.emitted_tokens = safe, len(out_ids)
         return out
