@@ -86,7 +86,7 @@ def _llamacpp_cases():
 @pytest.mark.slow
 @pytest.mark.skipif(not LLAMACPP_GREEDY.exists(), reason="tests/data/llamacpp_greedy.json not generated yet")
 @pytest.mark.parametrize(("case", "eog"), _llamacpp_cases())
-def test_any_numerics_model_greedy_matches_llama_cpp(any_numerics_model, case, eog):
+def test_default_model_greedy_matches_llama_cpp(any_numerics_model, case, eog):
     """Fed llama.cpp's own prompt ids (no tokenizer involved), we continue as llama.cpp does.
 
     Teacher-forced on llama.cpp's tokens: our logit for each of its picks is close to its own logit, and each
@@ -98,7 +98,8 @@ def test_any_numerics_model_greedy_matches_llama_cpp(any_numerics_model, case, e
     cache = DenseKVCache()
     cache.prepare([0], [len(seq)])
     with torch.inference_mode():
-        logits = any_numerics_model.compute_logits(any_numerics_model(torch.tensor(seq), torch.arange(len(seq)), cache))
+        logits = any_numerics_model.compute_logits(
+            any_numerics_model(torch.tensor(seq), torch.arange(len(seq)), cache))
     logits = logits[len(prompt) - 1 : len(seq) - 1]
     steps = torch.arange(len(generated))
     picked = logits[steps, torch.tensor(generated)]
