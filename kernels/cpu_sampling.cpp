@@ -9,23 +9,6 @@
 
 namespace {
 
-// e^x for x <= 0 (callers subtract the row max), ~2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2.
-inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // e^-87 is below float's normal range: counts as 0 in a sum
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
 void row_stats(const float* x, int64_t cols, int64_t* best, float* lse) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     int64_t c = 0;
@@ -56,7 +39,7 @@ void row_stats(const float* x, int64_t cols, int64_t* best, float* lse) {
     for (c = 0; c + 8 <= cols;) {
         __m256 sum = _mm256_setzero_ps();
         for (const int64_t end = std::min(cols - cols % 8, c + 512); c < end; c += 8)
-            sum = _mm256_add_ps(sum, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + c), mv)));
+            sum = _mm256_add_ps(sum, nbllm::exp256(_mm256_sub_ps(_mm256_loadu_ps(x + c), mv)));
         total += nbllm::hsum(sum);
     }
     for (int64_t t = c; t < cols; ++t) total += std::exp(x[t] - m);

@@ -183,9 +183,9 @@ def load_model(
     `numerics="fast"` (the default) is "exact" except that int8 CPU weights round their layer's input to int8 as
     llama.cpp does for the weight's type and multiply in integers (`Int8Linear`: llama.cpp's speed and rounding);
     `"exact"` computes in `dtype` over the dequantized weights (fp32: equal to transformers);
-    `"llamacpp"` rounds as llama.cpp's CPU backend does (`nbllm.models.llamacpp_numerics`; fp32 only, to be run
-    with `DenseKVCache(kv_dtype=torch.float16)`): each op then matches llama.cpp's to ~1e-7 from the same inputs,
-    though not bit for bit (see that module for what this does and does not buy at greedy near-ties).
+    `"llamacpp"` reproduces llama.cpp's AVX2 CPU backend bit for bit (`nbllm.models.llamacpp_numerics`; fp32 only,
+    run through `nbllm.models.llamacpp_forward.llamacpp_logits` with a `LlamaCppKVCache`): slow, for agreement
+    with llama.cpp's greedy picks.
 
     `int8`: keep a GGUF file's quantized weights quantized (`Int8Linear`: a quarter of the memory, faster decode;
     with exact numerics the same outputs up to fp32 summation order). None (default): when loading float32 to the

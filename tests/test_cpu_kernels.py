@@ -78,3 +78,17 @@ def test_row_argmax_logsumexp_matches_torch() -> None:
     best, lse = row_argmax_logsumexp(view)
     assert torch.equal(best, view.argmax(-1))
     torch.testing.assert_close(lse, torch.logsumexp(view.double(), -1).float(), atol=0, rtol=2e-7)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+def test_gated_activation_matches_torch(activation: str) -> None:
+    import torch.nn.functional as F
+
+    from nbllm.kernels.cpu_activation import gated_activation
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 2 * 2048, generator=gen) * 4
+    x[0, :8] = torch.tensor([-100.0, -50.0, -10.0, 0.0, 10.0, 50.0, 100.0, 1e-3])  # saturated and tiny inputs
+    gate, up = x.chunk(2, dim=-1)
+    act = F.gelu(gate, approximate="tanh") if activation == "gelu_tanh" else F.silu(gate)
+    torch.testing.assert_close(gated_activation(x, activation), act * up, atol=1e-5, rtol=1e-6)

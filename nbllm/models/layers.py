@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbllm.kernels import cpu_rmsnorm, cpu_rotary
+from nbllm.kernels import cpu_activation, cpu_rmsnorm, cpu_rotary
 
 if TYPE_CHECKING:
     from nbllm.models.attention import AttentionBackend
@@ -157,6 +157,8 @@ class GatedMLP(nn.Module):
                 from nbllm.kernels.activation import gated_activation
 
                 return self.down(gated_activation(gate_up, self.activation))
+            if cpu_activation.supports(gate_up, self.activation):  # one C++ pass
+                return self.down(cpu_activation.gated_activation(gate_up, self.activation))
             gate, up = gate_up.chunk(2, dim=-1)
             return self.down(self.act(gate) * up)
         return self.down(self.act(self.gate(x)) * self.up(x))
@@ -218,6 +220,12 @@ class Attention(nn.Module):
         if fused is not None:
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
 
+    def _plain_rope_and_norms(self) -> bool:
+        """Whether the fused C++ norm + rotary computes what these modules do (not subclasses with numerics of
+        their own, such as llama.cpp-compatible ones)."""
+        return type(self.rotary) is RotaryEmbedding and (
+            self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         if self.qkv_proj is not None:
@@ -234,7 +242,8 @@ class Attention(nn.Module):
             norms = {} if self.q_norm is None else {
                 "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
             q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms)
-        elif cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(k, self.rotary.cos):
+        elif self._plain_rope_and_norms() and cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(
+                k, self.rotary.cos):
             rope = (positions, self.rotary.cos, self.rotary.sin)
             if self.q_norm is None:
                 q, k = cpu_rotary.norm_rotary(q, *rope), cpu_rotary.norm_rotary(k, *rope)
