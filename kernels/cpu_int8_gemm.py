@@ -26,7 +26,7 @@ def _functions() -> ctypes.CDLL:
     lib = library()
     lib.nbllm_int8_gemm.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
     lib.nbllm_int8_gemm.restype = None
-    lib.nbllm_q8_gemm.argtypes = [*lib.nbllm_int8_gemm.argtypes, _I]
+    lib.nbllm_q8_gemm.argtypes = [*lib.nbllm_int8_gemm.argtypes, _I, ctypes.c_int]
     lib.nbllm_q8_gemm.restype = None
     lib.nbllm_int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int]
     lib.nbllm_int8_dequantize.restype = None
@@ -37,10 +37,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> int:
+def _check(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, half_scales: bool = False) -> int:
     n, k = q.shape
     group = k // s.shape[1]
-    ok = (q.dtype == torch.int8 and s.dtype == torch.float32 and q.is_contiguous() and s.is_contiguous()
+    scale_types = (torch.float32, torch.float16) if half_scales else (torch.float32,)
+    ok = (q.dtype == torch.int8 and s.dtype in scale_types and q.is_contiguous() and s.is_contiguous()
           and group % 8 == 0 and group * s.shape[1] == k and s.shape[0] == n
           and (o is None or (o.shape == s.shape and o.dtype == torch.float32 and o.is_contiguous())))
     if not ok:
@@ -60,10 +61,11 @@ def int8_linear(
     """`x[..., K] · W^T -> [..., N]` in fp32 (x is converted to contiguous fp32 first).
 
     `activation_block` 32 or 256 rounds x to int8 first as llama.cpp does for the weight's type (Q8_0 or Q8_K
-    blocks; `cpu_q8_gemm.cpp`): integer dot products, ~3x less compute, llama.cpp's rounding error. None computes
-    with x exactly. See `q8_supported`.
+    blocks; `cpu_q8_gemm.cpp`): integer dot products, ~3x less compute, llama.cpp's rounding error; the scales
+    may then be float16 (half the bytes, where they are exact in it). None computes with x exactly. See
+    `q8_supported`.
     """
-    group = _check(q, s, o)
+    group = _check(q, s, o, half_scales=activation_block is not None)
     lib = _functions()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
@@ -80,7 +82,7 @@ def int8_linear(
         if activation_block is None:
             lib.nbllm_int8_gemm(*args)
         else:
-            lib.nbllm_q8_gemm(*args, activation_block)
+            lib.nbllm_q8_gemm(*args, activation_block, int(s.dtype == torch.float16))
     return y.view(*lead, n)
 
 

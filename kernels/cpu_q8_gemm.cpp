@@ -91,12 +91,17 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) {
 #endif
 }
 
+// A weight scale as float: fp32 as stored, or fp16 bits (exact for Q8_0/Q5_0/Q4_0, whose scales are fp16 in the
+// file: half the scale bytes a decode step reads).
+inline float scale_at(const float* s, int64_t i) { return s[i]; }
+inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
+
 constexpr int kRows = 4;  // weight rows per tile
 constexpr int kCols = 2;  // activation rows per tile
 
 // R weight rows (codes q, row stride K; scales s, row stride K / G) times C quantized activation rows.
-template <int R, int C, int G>
-inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, const float* o, int64_t K,
+template <int R, int C, int G, typename S>
+inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s, const float* o, int64_t K,
                  float* y, int64_t ldy) {
     const int64_t blocks = K / kBlock, groups = K / G;
     __m256 acc[R][C];
@@ -115,9 +120,9 @@ inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, 
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
             const __m256i aw = _mm256_sign_epi8(w, w);
             // int32 lane i of the products covers codes 4i..4i+3: lanes 0-3 the block's first 16, 4-7 the rest.
-            const __m256 sv = G == kBlock ? _mm256_set1_ps(s[r * groups + b])
-                                          : _mm256_set_m128(_mm_set1_ps(s[r * groups + 2 * b + 1]),
-                                                            _mm_set1_ps(s[r * groups + 2 * b]));
+            const __m256 sv = G == kBlock ? _mm256_set1_ps(scale_at(s, r * groups + b))
+                                          : _mm256_set_m128(_mm_set1_ps(scale_at(s, r * groups + 2 * b + 1)),
+                                                            _mm_set1_ps(scale_at(s, r * groups + 2 * b)));
             for (int c = 0; c < C; ++c) {
                 const __m256i dot = dot_u8_s8(aw, _mm256_sign_epi8(xv[c], w));
                 acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sv, dx[c]), acc[r][c]);
@@ -144,15 +149,16 @@ inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, 
 constexpr int kWideCols = 4;
 
 // 16 lanes of scales: lanes 4i..4i+3 cover codes 16i..16i+15, i.e. group i for G = 16, group i / 2 for G = 32.
-template <int G>
-inline __m512 wide_scales(const float* s) {
-    if (G == kBlock) return _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+template <int G, typename S>
+inline __m512 wide_scales(const S* s) {
+    if (G == kBlock) return _mm512_insertf32x8(_mm512_set1_ps(scale_at(s, 0)), _mm256_set1_ps(scale_at(s, 1)), 1);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+    const __m128 four = _mm_setr_ps(scale_at(s, 0), scale_at(s, 1), scale_at(s, 2), scale_at(s, 3));
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
 }
 
-template <int R, int C, int G>
-inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float* s, const float* o, int64_t K,
+template <int R, int C, int G, typename S>
+inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s, const float* o, int64_t K,
                       float* y, int64_t ldy) {
     const int64_t blocks = K / kBlock, groups = K / G;
     __m512 acc[R][C];
@@ -190,25 +196,25 @@ inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const float
 }
 #endif
 
-template <int R, int G>
-inline void row_tile(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const float* o, int64_t K,
+template <int R, int G, typename S>
+inline void row_tile(const Q8Rows& xq, int64_t M, const int8_t* q, const S* s, const float* o, int64_t K,
                      float* y, int64_t ldy) {
     int64_t m = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     if (K % (2 * kBlock) == 0) {
-        for (; m + kWideCols <= M; m += kWideCols) wide_tile<R, kWideCols, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 3) wide_tile<R, 3, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 2) wide_tile<R, 2, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 1) wide_tile<R, 1, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
+        for (; m + kWideCols <= M; m += kWideCols) wide_tile<R, kWideCols, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
+        if (M - m == 3) wide_tile<R, 3, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
+        if (M - m == 2) wide_tile<R, 2, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
+        if (M - m == 1) wide_tile<R, 1, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
         return;
     }
 #endif
-    for (; m + kCols <= M; m += kCols) tile<R, kCols, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
-    if (M - m == 1) tile<R, 1, G>(xq, m, q, s, o, K, y + m * ldy, ldy);
+    for (; m + kCols <= M; m += kCols) tile<R, kCols, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
+    if (M - m == 1) tile<R, 1, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
 }
 
-template <int G>
-void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const float* o, int64_t N, int64_t K,
+template <int G, typename S>
+void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const S* s, const float* o, int64_t N, int64_t K,
           float* y, int64_t ldy, int threads) {
     const int64_t groups = K / G;
     const int64_t tiles = (N + kRows - 1) / kRows;
@@ -216,10 +222,10 @@ void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const fl
         for (int64_t t = begin; t < end; ++t) {
             const int64_t n = t * kRows;
             if (n + kRows <= N) {
-                row_tile<kRows, G>(xq, M, q + n * K, s + n * groups, o ? o + n * groups : nullptr, K, y + n, ldy);
+                row_tile<kRows, G, S>(xq, M, q + n * K, s + n * groups, o ? o + n * groups : nullptr, K, y + n, ldy);
             } else {
                 for (int64_t r = n; r < N; ++r)
-                    row_tile<1, G>(xq, M, q + r * K, s + r * groups, o ? o + r * groups : nullptr, K, y + r, ldy);
+                    row_tile<1, G, S>(xq, M, q + r * K, s + r * groups, o ? o + r * groups : nullptr, K, y + r, ldy);
             }
         }
     });
@@ -230,14 +236,17 @@ void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const float* s, const fl
 extern "C" {
 
 // As nbllm_int8_gemm, with x quantized first in blocks of act_block (32: Q8_0, 256: Q8_K). K must be a multiple
-// of act_block and G 16 or 32.
-void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const int8_t* q, const float* s, const float* o,
-                   int64_t N, int64_t K, int64_t G, float* y, int64_t ldy, int threads, int64_t act_block) {
+// of act_block and G 16 or 32. scale_half: s holds fp16 bits instead of floats.
+void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const int8_t* q, const void* s, const float* o,
+                   int64_t N, int64_t K, int64_t G, float* y, int64_t ldy, int threads, int64_t act_block,
+                   int scale_half) {
     const Q8Rows xq = quantize(x, M, ldx, K, G, act_block, o != nullptr);
+    const auto* s32 = static_cast<const float*>(s);
+    const auto* s16 = static_cast<const uint16_t*>(s);
     if (G == kBlock)
-        gemm<32>(xq, M, q, s, o, N, K, y, ldy, threads);
+        scale_half ? gemm<32>(xq, M, q, s16, o, N, K, y, ldy, threads) : gemm<32>(xq, M, q, s32, o, N, K, y, ldy, threads);
     else
-        gemm<16>(xq, M, q, s, o, N, K, y, ldy, threads);
+        scale_half ? gemm<16>(xq, M, q, s16, o, N, K, y, ldy, threads) : gemm<16>(xq, M, q, s32, o, N, K, y, ldy, threads);
 }
 
 }  // extern "C"

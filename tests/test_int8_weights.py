@@ -155,6 +155,10 @@ def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block,
     want = rounded @ Int8Weight(q, s, o).dequantize().double().T
     bound = 1e-6 * (rounded.abs() @ Int8Weight(q, s, o).dequantize().double().abs().T)
     assert ((got - want).abs() <= bound + 1e-30).all()
+    s16 = s.half()  # scales exact in fp16 (as Q8_0/Q5_0/Q4_0 store them) give the same result read as fp16
+    exact16 = Int8Weight(q, s16.float(), o)
+    assert torch.equal(int8_linear(x, q, s16, o, activation_block=block),
+                       int8_linear(x, exact16.q, exact16.scale, o, activation_block=block))
 
 
 def test_int8_needs_cpu_float32(tiny_model) -> None:
