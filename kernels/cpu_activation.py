@@ -8,23 +8,14 @@ product (three tensor ops a layer, ~5 ms of a 32-sequence decode step on the def
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
 __all__ = ["gated_activation", "supports"]
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
-
-
-@cache
-def _function() -> ctypes._CFuncPtr:
-    fn = library().nbllm_gated_activation
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = None
-    return fn
 
 
 def supports(gate_up: torch.Tensor, activation: str) -> bool:
@@ -39,5 +30,6 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     x = gate_up.reshape(-1, 2 * inner).contiguous()
     out = torch.empty((x.shape[0], inner), dtype=torch.float32)
     if x.numel():
-        _function()(x.data_ptr(), x.shape[0], inner, _ACTIVATIONS[activation], out.data_ptr(), num_threads())
+        kernel = function("nbllm_gated_activation", P, I, I, ctypes.c_int, P, ctypes.c_int)
+        kernel(x.data_ptr(), x.shape[0], inner, _ACTIVATIONS[activation], out.data_ptr(), num_threads())
     return out.view(*gate_up.shape[:-1], inner)

@@ -9,28 +9,15 @@ shape, or None), `W[n, k] = s[n, k // G] * q[n, k] - o[n, k // G]` with `G` a mu
 from __future__ import annotations
 
 import ctypes
-from functools import cache
-
 import torch
 
-from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
 __all__ = ["int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-
-
-@cache
-def _functions() -> ctypes.CDLL:
-    lib = library()
-    lib.nbllm_int8_gemm.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, ctypes.c_int]
-    lib.nbllm_int8_gemm.restype = None
-    lib.nbllm_q8_gemm.argtypes = [*lib.nbllm_int8_gemm.argtypes, _I, ctypes.c_int]
-    lib.nbllm_q8_gemm.restype = None
-    lib.nbllm_int8_dequantize.argtypes = [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int]
-    lib.nbllm_int8_dequantize.restype = None
-    return lib
+def _gemm(name: str, *extra: type) -> ctypes._CFuncPtr:
+    """`nbllm_int8_gemm`'s or `nbllm_q8_gemm`'s function (the latter takes `extra` trailing arguments)."""
+    return function(name, P, I, I, P, P, P, I, I, I, P, I, ctypes.c_int, *extra)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -66,7 +53,6 @@ def int8_linear(
     `q8_supported`.
     """
     group = _check(q, s, o, half_scales=activation_block is not None)
-    lib = _functions()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     n, k = q.shape
@@ -80,9 +66,9 @@ def int8_linear(
         args = (x2.data_ptr(), x2.shape[0], k, q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, y.data_ptr(), n,
                 num_threads())
         if activation_block is None:
-            lib.nbllm_int8_gemm(*args)
+            _gemm("nbllm_int8_gemm")(*args)
         else:
-            lib.nbllm_q8_gemm(*args, activation_block, int(s.dtype == torch.float16))
+            _gemm("nbllm_q8_gemm", I, ctypes.c_int)(*args, activation_block, int(s.dtype == torch.float16))
     return y.view(*lead, n)
 
 
@@ -95,10 +81,9 @@ def q8_supported(q: torch.Tensor, s: torch.Tensor, activation_block: int) -> boo
 def int8_dequantize(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
     """The dense fp32 weight `[N, K]`: `fmsub(q, s, o)` per element, one rounding."""
     group = _check(q, s, o)
-    lib = _functions()
     out = torch.empty(q.shape, dtype=torch.float32)
     if q.numel():
-        lib.nbllm_int8_dequantize(q.data_ptr(), s.data_ptr(), _ptr(o), q.shape[0], q.shape[1], group,
-                                  out.data_ptr(), num_threads())
+        kernel = function("nbllm_int8_dequantize", P, P, P, I, I, I, P, ctypes.c_int)
+        kernel(q.data_ptr(), s.data_ptr(), _ptr(o), q.shape[0], q.shape[1], group, out.data_ptr(), num_threads())
     return out
 

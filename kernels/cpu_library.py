@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["kernels_own_the_threads", "library", "num_threads", "unavailable_reason"]
+__all__ = ["I", "P", "function", "kernels_own_the_threads", "library", "num_threads", "unavailable_reason"]
 
 _DIR = Path(__file__).parent
+#: ctypes argument types of the kernels' C functions: pointers (a tensor's `data_ptr()`, or None) and sizes.
+P, I = ctypes.c_void_p, ctypes.c_int64
 # -march=native: the library is built on the machine that runs it, and the kernels use what it has beyond AVX2
 # (AVX-VNNI / AVX512-VNNI integer dot products); the CPU's identity is part of the cache key.
 _FLAGS = ("-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=c++17")
@@ -83,6 +85,15 @@ def unavailable_reason() -> str | None:
     """None when the kernels run here; otherwise why not (one line)."""
     lib = _load()
     return lib if isinstance(lib, str) else None
+
+
+@cache
+def function(name: str, *argtypes: type) -> ctypes._CFuncPtr:
+    """The library's C function `name` (returning void) with its argument types declared."""
+    fn = getattr(library(), name)
+    fn.argtypes = list(argtypes)
+    fn.restype = None
+    return fn
 
 
 def library() -> ctypes.CDLL:

@@ -111,7 +111,8 @@ struct Item {
 extern "C" {
 
 // Attention of the queries of sequences `seqs[0..num_seqs)` (meant for a few queries each: a kv head's query rows
-// are scored together); other rows of `out` are left as they are. D must be a multiple of 8; all tensors contiguous fp32 (tables and lengths int32).
+// are scored together); other rows of `out` are left as they are. D must be a multiple of 8; all tensors
+// contiguous fp32 (tables and lengths int32).
 void nbllm_paged_decode_attention(const float* q, float* out, const float* k_cache, const float* v_cache,
                                   int64_t block_size, int64_t hq, int64_t hkv, int64_t d, const int32_t* block_tables,
                                   int64_t bt_stride, const int32_t* cu_query_lens, const int32_t* context_lens,

@@ -9,25 +9,12 @@ through the block table where they lie and runs on the same pool as the int8 mat
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
 __all__ = ["paged_decode_attention", "supports"]
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-
-
-@cache
-def _function() -> ctypes._CFuncPtr:
-    fn = library().nbllm_paged_decode_attention
-    fn.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I, ctypes.c_float, _I, ctypes.c_int]
-    fn.restype = None
-    return fn
-
 
 def supports(k_cache: torch.Tensor) -> bool:
     """Whether this kernel can serve attention over pools like `k_cache` here (queries of the pools' dtype)."""
@@ -59,6 +46,8 @@ def paged_decode_attention(
     if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
         raise ValueError(f"paged_decode_attention computes in fp32, got q {q.dtype} and pools {k_cache.dtype}")
     _, block_size, hkv, d = k_cache.shape
-    _function()(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], hkv,
-                d, block_tables.data_ptr(), block_tables.shape[1], cu_query_lens.data_ptr(), context_lens.data_ptr(),
-                seqs.data_ptr(), seqs.numel(), scale, sliding_window or 0, num_threads())
+    kernel = function("nbllm_paged_decode_attention",
+                      P, P, P, P, I, I, I, I, P, I, P, P, P, I, ctypes.c_float, I, ctypes.c_int)
+    kernel(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], hkv, d,
+           block_tables.data_ptr(), block_tables.shape[1], cu_query_lens.data_ptr(), context_lens.data_ptr(),
+           seqs.data_ptr(), seqs.numel(), scale, sliding_window or 0, num_threads())

@@ -96,6 +96,14 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) {
 inline float scale_at(const float* s, int64_t i) { return s[i]; }
 inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
 
+// y[m, n] from its scaled integer products: minus the offsets' share, sum_g o[n, g] * d_x * sum(q_x[m, g]).
+inline float finish(float products, const Q8Rows& xq, int64_t m, const float* o, int r, int64_t groups) {
+    if (o == nullptr) return products;
+    const float* sums = xq.group_sums.data() + m * groups;
+    for (int64_t g = 0; g < groups; ++g) products -= o[r * groups + g] * sums[g];
+    return products;
+}
+
 constexpr int kRows = 4;  // weight rows per tile
 constexpr int kCols = 2;  // activation rows per tile
 
@@ -130,14 +138,7 @@ inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s, cons
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) {
-            float v = nbllm::hsum(acc[r][c]);
-            if (o != nullptr) {
-                const float* sums = xq.group_sums.data() + (m0 + c) * groups;
-                for (int64_t g = 0; g < groups; ++g) v -= o[r * groups + g] * sums[g];
-            }
-            y[c * ldy + r] = v;
-        }
+        for (int c = 0; c < C; ++c) y[c * ldy + r] = finish(nbllm::hsum(acc[r][c]), xq, m0 + c, o, r, groups);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
@@ -185,14 +186,7 @@ inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s,
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) {
-            float v = _mm512_reduce_add_ps(acc[r][c]);
-            if (o != nullptr) {
-                const float* sums = xq.group_sums.data() + (m0 + c) * groups;
-                for (int64_t g = 0; g < groups; ++g) v -= o[r * groups + g] * sums[g];
-            }
-            y[c * ldy + r] = v;
-        }
+        for (int c = 0; c < C; ++c) y[c * ldy + r] = finish(_mm512_reduce_add_ps(acc[r][c]), xq, m0 + c, o, r, groups);
 }
 #endif
 
@@ -243,10 +237,14 @@ void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const int8_t* q, cons
     const Q8Rows xq = quantize(x, M, ldx, K, G, act_block, o != nullptr);
     const auto* s32 = static_cast<const float*>(s);
     const auto* s16 = static_cast<const uint16_t*>(s);
-    if (G == kBlock)
-        scale_half ? gemm<32>(xq, M, q, s16, o, N, K, y, ldy, threads) : gemm<32>(xq, M, q, s32, o, N, K, y, ldy, threads);
+    if (G == kBlock && scale_half)
+        gemm<32>(xq, M, q, s16, o, N, K, y, ldy, threads);
+    else if (G == kBlock)
+        gemm<32>(xq, M, q, s32, o, N, K, y, ldy, threads);
+    else if (scale_half)
+        gemm<16>(xq, M, q, s16, o, N, K, y, ldy, threads);
     else
-        scale_half ? gemm<16>(xq, M, q, s16, o, N, K, y, ldy, threads) : gemm<16>(xq, M, q, s32, o, N, K, y, ldy, threads);
+        gemm<16>(xq, M, q, s32, o, N, K, y, ldy, threads);
 }
 
 }  // extern "C"

@@ -21,7 +21,8 @@ void nbllm_rms_norm(const float* x, int64_t ldx, const float* residual, float* r
             if (residual != nullptr) {
                 float* tr = residual_out + r * cols;
                 for (int64_t c = 0; c < cols; c += 8)
-                    _mm256_storeu_ps(tr + c, _mm256_add_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(residual + r * cols + c)));
+                    _mm256_storeu_ps(tr + c, _mm256_add_ps(_mm256_loadu_ps(xr + c),
+                                                           _mm256_loadu_ps(residual + r * cols + c)));
                 src = tr;
             }
             __m256 sq = _mm256_setzero_ps();

@@ -8,25 +8,12 @@ only the summation order of the mean square differs.
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, num_threads, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
 __all__ = ["rms_norm", "supports"]
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-
-
-@cache
-def _function() -> ctypes._CFuncPtr:
-    fn = library().nbllm_rms_norm
-    fn.argtypes = [_P, _I, _P, _P, _P, _I, _I, ctypes.c_float, _P, _I, ctypes.c_int]
-    fn.restype = None
-    return fn
-
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` takes these: fp32 CPU tensors, a row length that is a multiple of 8."""
@@ -50,6 +37,7 @@ def rms_norm(
         residual = residual.contiguous()
         total = torch.empty(x.shape, dtype=torch.float32)
         res_ptr, total_ptr = residual.data_ptr(), total.data_ptr()
-    _function()(x2.data_ptr(), x2.stride(0), res_ptr, total_ptr, weight.contiguous().data_ptr(), x2.shape[0], cols,
-                eps, out.data_ptr(), cols, num_threads())
+    kernel = function("nbllm_rms_norm", P, I, P, P, P, I, I, ctypes.c_float, P, I, ctypes.c_int)
+    kernel(x2.data_ptr(), x2.stride(0), res_ptr, total_ptr, weight.contiguous().data_ptr(), x2.shape[0], cols, eps,
+           out.data_ptr(), cols, num_threads())
     return out, total

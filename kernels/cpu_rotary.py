@@ -7,25 +7,12 @@ model's layers); here two calls. Same formulas as `nbllm.models.layers` (their t
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
-from nbllm.kernels.cpu_library import library, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, unavailable_reason
 
 __all__ = ["norm_rotary", "supports"]
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-
-
-@cache
-def _function() -> ctypes._CFuncPtr:
-    fn = library().nbllm_norm_rotary
-    fn.argtypes = [_P, _I, _I, _I, _I, _I, _P, ctypes.c_float, _P, _P, _P, _P]
-    fn.restype = None
-    return fn
-
 
 def supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `norm_rotary` takes heads `x: [T, H, D]` rotated by tables like `cos: [P, D / 2]`."""
@@ -48,6 +35,7 @@ def norm_rotary(
     out = torch.empty((t, h, d), dtype=torch.float32)
     positions = positions.to(torch.int64).contiguous()
     w = None if norm_weight is None else norm_weight.contiguous()
-    _function()(x.data_ptr(), x.stride(0), x.stride(1), t, h, d, None if w is None else w.data_ptr(), eps,
-                positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
+    kernel = function("nbllm_norm_rotary", P, I, I, I, I, I, P, ctypes.c_float, P, P, P, P)
+    kernel(x.data_ptr(), x.stride(0), x.stride(1), t, h, d, None if w is None else w.data_ptr(), eps,
+           positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
     return out
