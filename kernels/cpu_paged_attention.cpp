@@ -1,14 +1,17 @@
-// Paged attention for sequences with a few queries each (decode, speculative verification) on the CPU: every
-// query reads its keys straight through its sequence's block table, with an online softmax, so nothing is
-// gathered or padded and no OpenMP region runs (the reference is `paged_attention.py`'s torch path).
+// Paged attention on the CPU: every query reads its keys straight through its sequence's block table, with an
+// online softmax, so nothing is gathered or padded and no OpenMP region runs (the reference is
+// `paged_attention.py`'s torch path).
 //
 // Layout as in paged_attention.py: q, out [T, Hq, D]; k_cache, v_cache [blocks, block_size, Hkv, D]; sequence i owns
 // queries cu[i]..cu[i+1], which are its last positions of ctx[i] keys (this step's included); query head h reads kv
 // head h / (Hq / Hkv); a query at position t sees keys p with t - window < p <= t (window 0: no window).
 //
-// Work items are (sequence, kv head, key split): a kv head's whole query group (all its query heads, all the
-// sequence's queries) shares each key and value load. Long contexts split their keys (flash-decoding) so both
-// cores work on one sequence; the splits' partial softmax states are merged at the end.
+// Work items are (sequence, kv head, block of kQueryBlock queries, key chunk): a kv head's query rows in a block
+// share each key and value load, a block reads keys only up to its last query, and long contexts are split into
+// chunks so both cores work on one sequence (flash-decoding); the chunks' partial softmax states are merged at
+// the end. Key tiles and chunks sit at fixed positions (multiples of kTile and kChunkKeys) and a query's arithmetic
+// depends only on its own position and context: the same query gives the same bits whether it comes alone in a
+// decode step or inside a long prefill chunk, so greedy output does not depend on chunking or batching.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -19,7 +22,8 @@
 namespace {
 
 constexpr int64_t kTile = 16;         // keys scored before their values are accumulated
-constexpr int64_t kSplitKeys = 512;   // keys per work item of a long context
+constexpr int64_t kChunkKeys = 512;   // keys per work item of a long context (a multiple of kTile)
+constexpr int64_t kQueryBlock = 16;   // queries per work item
 constexpr int kRowGroup = 4;          // query rows sharing one pass over a key or value vector
 
 struct Shape {
@@ -41,7 +45,8 @@ void attend(const Shape& sh, const float* const* qrows, const int64_t* qpos, int
     }
     std::vector<float> score(static_cast<size_t>(rows) * kTile);
     int64_t kv_offset[kTile];  // where key p's vector starts in k_cache and v_cache
-    for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    // Tiles at multiples of kTile: keys below lo in the first tile lie outside every row's window.
+    for (int64_t t0 = lo - lo % kTile; t0 < hi; t0 += kTile) {
         const int64_t n = std::min(kTile, hi - t0);
         for (int64_t j = 0; j < n; ++j) {
             const int64_t p = t0 + j;
@@ -103,86 +108,89 @@ void attend(const Shape& sh, const float* const* qrows, const int64_t* qpos, int
 }
 
 struct Item {
-    int64_t seq, head, lo, hi, state;  // state: index of this item's (m, l, acc) block in the scratch
+    int64_t seq, head, q0, nq, lo, hi;  // queries q0..q0+nq of the sequence, keys [lo, hi)
+};
+
+struct Group {  // the chunks of one (sequence, head, query block): items first..first+chunks
+    int64_t first, chunks;
 };
 
 }  // namespace
 
 extern "C" {
 
-// Attention of the queries of sequences `seqs[0..num_seqs)` (meant for a few queries each: a kv head's query rows
-// are scored together); other rows of `out` are left as they are. D must be a multiple of 8; all tensors
-// contiguous fp32 (tables and lengths int32).
+// Attention of the queries of sequences `seqs[0..num_seqs)`; other rows of `out` are left as they are. D must be a
+// multiple of 8; all tensors contiguous fp32 (tables and lengths int32).
 void nbllm_paged_decode_attention(const float* q, float* out, const float* k_cache, const float* v_cache,
                                   int64_t block_size, int64_t hq, int64_t hkv, int64_t d, const int32_t* block_tables,
                                   int64_t bt_stride, const int32_t* cu_query_lens, const int32_t* context_lens,
                                   const int64_t* seqs, int64_t num_seqs, float scale, int64_t window, int threads) {
     const Shape sh{hq, hkv, d, block_size, bt_stride, window, scale};
-    const int64_t group = hq / hkv;
+    const int64_t group = hq / hkv, rows_max = kQueryBlock * group;
     std::vector<Item> items;
-    std::vector<int64_t> first_item(num_seqs + 1);
-    int64_t max_rows = 0;
+    std::vector<Group> groups;
     for (int64_t i = 0; i < num_seqs; ++i) {
         const int64_t s = seqs[i], ctx = context_lens[s], nq = cu_query_lens[s + 1] - cu_query_lens[s];
-        const int64_t lo = window ? std::max<int64_t>(0, ctx - nq - window + 1) : 0;
-        const int64_t splits = std::max<int64_t>(1, (ctx - lo + kSplitKeys - 1) / kSplitKeys);
-        const int64_t per = (ctx - lo + splits - 1) / splits;
-        max_rows = std::max(max_rows, nq * group);
-        first_item[i] = static_cast<int64_t>(items.size());
         for (int64_t h = 0; h < hkv; ++h)
-            for (int64_t c = 0; c < splits; ++c)
-                items.push_back({s, h, lo + c * per, std::min(ctx, lo + (c + 1) * per),
-                                 static_cast<int64_t>(items.size())});
+            for (int64_t q0 = 0; q0 < nq; q0 += kQueryBlock) {
+                const int64_t n = std::min(kQueryBlock, nq - q0), first_pos = ctx - nq + q0, hi = first_pos + n;
+                const int64_t lo = window ? std::max<int64_t>(0, first_pos - window + 1) : 0;
+                const Group g{static_cast<int64_t>(items.size()), 0};
+                groups.push_back(g);
+                for (int64_t c = lo / kChunkKeys; c * kChunkKeys < hi; ++c, ++groups.back().chunks)
+                    items.push_back({s, h, q0, n, std::max(lo, c * kChunkKeys), std::min(hi, (c + 1) * kChunkKeys)});
+            }
     }
-    first_item[num_seqs] = static_cast<int64_t>(items.size());
-    const int64_t state_floats = max_rows * (d + 2);
+    const int64_t state_floats = rows_max * (d + 2);  // per item: m, l and acc of each row
     std::vector<float> states(items.size() * state_floats);
 
     nbllm::parallel_for(static_cast<int64_t>(items.size()), 1, threads, [&](int64_t begin, int64_t end) {
-        std::vector<const float*> qrows(max_rows);
-        std::vector<int64_t> qpos(max_rows);
+        std::vector<const float*> qrows(rows_max);
+        std::vector<int64_t> qpos(rows_max);
         for (int64_t it = begin; it < end; ++it) {
             const Item& item = items[it];
-            const int64_t start = cu_query_lens[item.seq], nq = cu_query_lens[item.seq + 1] - start;
-            const int64_t ctx = context_lens[item.seq];
-            for (int64_t j = 0; j < nq; ++j)
+            const int64_t start = cu_query_lens[item.seq], ctx = context_lens[item.seq];
+            const int64_t nq = cu_query_lens[item.seq + 1] - start;
+            for (int64_t j = 0; j < item.nq; ++j)
                 for (int64_t g = 0; g < group; ++g) {
-                    qrows[j * group + g] = q + (start + j) * hq * d + (item.head * group + g) * d;
-                    qpos[j * group + g] = ctx - nq + j;
+                    qrows[j * group + g] = q + (start + item.q0 + j) * hq * d + (item.head * group + g) * d;
+                    qpos[j * group + g] = ctx - nq + item.q0 + j;
                 }
-            const int rows = static_cast<int>(nq * group);
-            float* st = states.data() + item.state * state_floats;
+            const int rows = static_cast<int>(item.nq * group);
+            float* st = states.data() + it * state_floats;
             attend(sh, qrows.data(), qpos.data(), rows, k_cache, v_cache, block_tables + item.seq * bt_stride,
                    item.head, item.lo, item.hi, st, st + rows, st + 2 * rows);
         }
     });
 
-    // Merge each (sequence, head)'s splits: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
-    for (int64_t i = 0; i < num_seqs; ++i) {
-        const int64_t s = seqs[i], start = cu_query_lens[s], nq = cu_query_lens[s + 1] - start;
-        const int64_t rows = nq * group, splits = (first_item[i + 1] - first_item[i]) / hkv;
-        for (int64_t h = 0; h < hkv; ++h) {
-            const float* base = states.data() + (first_item[i] + h * splits) * state_floats;
+    // Merge each group's chunks, in chunk order: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
+    nbllm::parallel_for(static_cast<int64_t>(groups.size()), 1, threads, [&](int64_t begin, int64_t end) {
+        std::vector<float> w;
+        for (int64_t gi = begin; gi < end; ++gi) {
+            const Group& grp = groups[gi];
+            const Item& item = items[grp.first];
+            const int64_t rows = item.nq * group, start = cu_query_lens[item.seq];
+            const float* base = states.data() + grp.first * state_floats;
+            w.resize(grp.chunks);
             for (int64_t r = 0; r < rows; ++r) {
                 float top = -std::numeric_limits<float>::infinity();
-                for (int64_t c = 0; c < splits; ++c) top = std::max(top, base[c * state_floats + r]);
+                for (int64_t c = 0; c < grp.chunks; ++c) top = std::max(top, base[c * state_floats + r]);
                 float total = 0.0f;
-                std::vector<float> w(splits);
-                for (int64_t c = 0; c < splits; ++c) {
+                for (int64_t c = 0; c < grp.chunks; ++c) {
                     const float mc = base[c * state_floats + r];
-                    w[c] = mc == top ? 1.0f : std::exp(mc - top);
+                    w[c] = mc == top ? 1.0f : std::exp(mc - top);  // a chunk this row sees nothing of: e^-inf = 0
                     total += w[c] * base[c * state_floats + rows + r];
                 }
                 const int64_t j = r / group, g = r % group;
-                float* o = out + (start + j) * hq * d + (h * group + g) * d;
+                float* o = out + (start + item.q0 + j) * hq * d + (item.head * group + g) * d;
                 for (int64_t x = 0; x < d; ++x) {
                     float sum = 0.0f;
-                    for (int64_t c = 0; c < splits; ++c) sum += w[c] * base[c * state_floats + 2 * rows + r * d + x];
+                    for (int64_t c = 0; c < grp.chunks; ++c) sum += w[c] * base[c * state_floats + 2 * rows + r * d + x];
                     o[x] = sum / total;
                 }
             }
         }
-    }
+    });
 }
 
 }  // extern "C"

@@ -1,9 +1,10 @@
-"""Paged attention of few-query sequences (decode, speculative verification) in C++ (`cpu_paged_attention.cpp`).
+"""Paged attention on the CPU in C++ (`cpu_paged_attention.cpp`): decode, speculative verification and prefill.
 
-Why not the torch path for these: at decode sizes SDPA's work is a few microseconds and its OpenMP region, the
-gather of whole blocks and the padding masks cost far more (measured 1.2 ms a layer at batch 1, half of a decode
-step, much of it threads of OpenMP and of the int8 kernels' pool taking turns on two cores). This kernel reads keys
-through the block table where they lie and runs on the same pool as the int8 matmuls.
+Why not torch's SDPA: at decode sizes its work is a few microseconds and its OpenMP region, the gather of whole
+blocks and the padding masks cost far more (measured 1.2 ms a layer at batch 1, half of a decode step, much of it
+OpenMP's threads and the int8 kernels' pool taking turns on two cores). This kernel reads keys through the block
+table where they lie, runs on the same pool as the int8 matmuls, and gives a query the same bits whether it is
+computed alone or inside a prefill chunk (fixed key tiles and chunks), so chunking never changes a greedy token.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
 __all__ = ["paged_decode_attention", "supports"]
+
 
 def supports(k_cache: torch.Tensor) -> bool:
     """Whether this kernel can serve attention over pools like `k_cache` here (queries of the pools' dtype)."""

@@ -8,12 +8,13 @@ A step's queries come as one flat varlen batch (vLLM/flash-attn style): sequence
 which are its last `n_i` positions; `context_lens[i]` counts all its keys, this step's included (stored first
 with `store_kv`). One call therefore serves decode (every n_i = 1), prefill, and extend over a cached prefix.
 
-CPU strategy: sequences with a few queries (decode, speculative verification) go to the C++ kernel
-(`cpu_paged_attention`), which reads keys through the block table in place. Where it cannot run (no AVX2 or
-compiler, non-fp32 pools) they are attended together in torch: the blocks they can reach are gathered into a
-padded `[B, L, Hkv, D]` batch and one SDPA call with a length/window mask does them all (in cache-sized slices of
-the batch), so a 64-sequence decode step costs a handful of tensor ops instead of 64 python loops; that path is
-also the kernel's reference. Longer query runs (prefill chunks) have enough work to go one sequence at a time.
+CPU strategy: every sequence goes to the C++ kernel (`cpu_paged_attention`), which reads keys through the block
+table in place and computes each query the same way whether it comes alone (decode) or in a prefill chunk. Where
+it cannot run (no AVX2 or compiler, non-fp32 pools) torch does it, and that path is also the kernel's reference:
+sequences with a few queries (decode, speculative verification) are attended together -- the blocks they can
+reach are gathered into a padded `[B, L, Hkv, D]` batch and one SDPA call with a length/window mask does them all
+(in cache-sized slices of the batch), so a 64-sequence decode step costs a handful of tensor ops instead of 64
+python loops; longer query runs (prefill chunks) have enough work to go one sequence at a time.
 Both torch paths use SDPA's fused CPU kernel, exact to ~1e-6 against fp32 matmul + softmax and 3-4x faster than
 it (it needs 4-d inputs, hence the batch dims below).
 
@@ -135,9 +136,14 @@ def plan_paged_attention(
 ) -> PagedAttentionPlan:
     """Slots and masks for one step's batch, valid for every layer whose pools share `k_cache`'s geometry.
 
-    Only `k_cache`'s shape and dtype are read. Arguments as in `paged_attention`; `native=False` keeps the
-    few-query sequences on the torch path (the C++ kernel's reference).
+    Only `k_cache`'s shape and dtype are read. Arguments as in `paged_attention`; `native=False` keeps every
+    sequence on the torch path (the C++ kernel's reference).
     """
+    if native and cpu_paged_attention.supports(k_cache):
+        seqs = ((cu_query_lens[1:] - cu_query_lens[:-1]) > 0).nonzero().squeeze(1)
+        return PagedAttentionPlan((), (), _Native(
+            seqs, block_tables.to(torch.int32).contiguous(), cu_query_lens.to(torch.int32).contiguous(),
+            context_lens.to(torch.int32).contiguous(), sliding_window))
     block_size, hkv, d = k_cache.shape[1:]
     block_tables, cu, ctx = block_tables.long(), cu_query_lens.long(), context_lens.long()
     num_queries = cu[1:] - cu[:-1]
@@ -163,10 +169,6 @@ def plan_paged_attention(
     short = ((num_queries > 0) & (num_queries <= _BATCHED_MAX_QUERIES)).nonzero().squeeze(1)
     if not short.numel():
         return PagedAttentionPlan((), tuple(runs))
-    if native and cpu_paged_attention.supports(k_cache):
-        return PagedAttentionPlan((), tuple(runs), _Native(
-            short, block_tables.to(torch.int32).contiguous(), cu.to(torch.int32), ctx.to(torch.int32),
-            sliding_window))
     # Most blocks first, so each SDPA call pads its sequences to similar lengths.
     spans, order = (end_blocks[short] - first_blocks[short]).sort(descending=True)
     short, spans = short[order], spans.tolist()

@@ -218,3 +218,28 @@ def test_cpp_kernel_matches_the_torch_path(window: int | None) -> None:
     want = run_paged_attention(batch.q, batch.k_cache, batch.v_cache, reference, scale=0.125)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got, batch.dense(0.125, window), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_cpp_kernel_gives_a_query_the_same_bits_alone_or_in_a_prefill_chunk(window: int | None) -> None:
+    """A query's attention does not depend on how many queries of its sequence share the step: the greedy-output
+    invariant under chunked prefill, prefix caching and preemption, exact even where activations are rounded."""
+    from nbllm.kernels import cpu_paged_attention
+
+    ctx = 1100
+    batch = make_batch([(ctx, ctx)], block_size=16, heads=4, kv_heads=1, head_dim=64)
+    if not cpu_paged_attention.supports(batch.k_cache):
+        pytest.skip("the CPU kernels cannot run here")
+
+    def attend(q, cu, context):
+        plan = plan_paged_attention(batch.k_cache, block_tables=batch.block_tables, cu_query_lens=cu,
+                                    context_lens=context, sliding_window=window)
+        return run_paged_attention(q, batch.k_cache, batch.v_cache, plan, scale=0.125)
+
+    whole = attend(batch.q, batch.cu_query_lens, batch.context_lens)
+    for t in (0, 15, 16, 511, 512, 700, ctx - 1):  # tile and chunk edges
+        one = torch.tensor([t + 1], dtype=torch.int32)
+        alone = attend(batch.q[t : t + 1], torch.tensor([0, 1], dtype=torch.int32), one)
+        assert torch.equal(alone[0], whole[t]), t
+        mid = attend(batch.q[max(0, t - 3) : t + 1], torch.tensor([0, min(4, t + 1)], dtype=torch.int32), one)
+        assert torch.equal(mid[-1], whole[t]), t
