@@ -95,7 +95,7 @@ def measure(path: Path, n_gpu_layers: int, *, tokens: int, prompt_len: int) -> d
     def prompt(n: int) -> list[int]:
         return rng.integers(300, llm.config.vocab_size, n).tolist()
 
-    llm.generate([prompt(16)], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    llm.generate([prompt(16)], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
     out = llm.generate([prompt(32)], SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))[0]
     prefill_prompt = prompt(prompt_len)
     pre = llm.generate([prefill_prompt], SamplingParams(max_tokens=1))[0]
