@@ -142,14 +142,3 @@ def test_abort_while_a_token_is_in_flight(tiny_llama) -> None:
     assert all(t >= 0 for seq in results["r0"].outputs for t in seq.token_ids)
     assert_no_leak(llm)
 
-
-def test_uniforms_drawn_ahead_equal_one_draw_a_step() -> None:
-    """The sampler draws a row generator's uniforms 64 at a time (host cost per step): the values must be those
-    of one `torch.rand(1)` per step, across refills."""
-    from nbllm.engine.sampler import _uniforms
-
-    ahead = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    one_by_one = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    for _ in range(150):
-        want = torch.cat([torch.rand(1, generator=g) for g in one_by_one])
-        assert torch.equal(_uniforms(ahead, torch.device("cpu")), want)

@@ -22,7 +22,6 @@ Three choices shape the code:
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -288,28 +287,10 @@ def sample(
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
     """One U[0, 1) per row from that row's own generator (the global one where None)."""
-    if all(g is not None and g.device.type == "cpu" for g in generators):
-        draws = torch.tensor([_next_uniform(g) for g in generators], dtype=torch.float32)
-    else:
-        draws = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu")
-                           for g in generators])
+    draws = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu") for g in generators])
     if device.type == "cuda" and draws.device.type == "cpu":  # pinned: a pageable copy waits for the stream
         return draws.pin_memory().to(device, non_blocking=True)
     return draws.to(device)
-
-
-# Uniforms drawn ahead per CPU generator: `torch.rand(n, generator=g)` gives exactly the values of n calls of
-# `torch.rand(1, generator=g)` (CPU draws are serial), at a fraction of the per-call dispatch (~3 us a row a step).
-_DRAW_AHEAD = 64
-_drawn: weakref.WeakKeyDictionary[torch.Generator, list[float]] = weakref.WeakKeyDictionary()
-
-
-def _next_uniform(generator: torch.Generator) -> float:
-    """The generator's next `torch.rand(1)` value (float32, exact as a Python float)."""
-    ahead = _drawn.get(generator)
-    if not ahead:
-        ahead = _drawn[generator] = torch.rand(_DRAW_AHEAD, generator=generator).tolist()[::-1]
-    return ahead.pop()
 
 
 def _top_logprobs(
