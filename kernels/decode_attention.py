@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_tile import paged_softmax_tile
+
 __all__ = ["decode_attention", "default_num_splits"]
 
 _BLOCK_N = 64  # keys per tile: four 16-token blocks
@@ -65,22 +67,9 @@ def _split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        key_ok = pos < hi
-        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        offs = (slot[:, None] * HKV + kv_head) * D + dims[None, :]
-        kv_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=PRECISION) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + offs, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = paged_softmax_tile(
+            q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, start, hi, kv_head, dims, dim_ok, m_i,
+            scale, window, CAUSAL=False, HKV=HKV, D=D, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE, PRECISION=PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_tile import paged_softmax_tile
+
 __all__ = ["extend_attention"]
 
 
@@ -51,25 +53,10 @@ def _extend_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            key_ok = pos < hi
-            block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=key_ok, other=0)
-            slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-            offs = (slot[:, None] * HKV + kv_head) * D + dims[None, :]
-            kv_ok = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + offs, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=PRECISION) * scale
-            visible = key_ok[None, :] & (pos[None, :] <= qpos[:, None])
-            if window > 0:
-                visible &= pos[None, :] > qpos[:, None] - window
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + offs, mask=kv_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, acc = paged_softmax_tile(
+                q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, start, hi, kv_head, dims, dim_ok,
+                qpos, scale, window, CAUSAL=True, HKV=HKV, D=D, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE,
+                PRECISION=PRECISION)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
