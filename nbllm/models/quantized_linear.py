@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbllm.gguf.repack import Int8Weight
-from nbllm.kernels.cpu_int8_gemm import int8_dequantize, int8_linear, q8_supported
+from nbllm.kernels.cpu_int8_gemm import Int8Gemm, int8_dequantize, q8_supported
 
 #: Input rows from which dequantize-and-GEMM beats the int8 kernel (quiet box, default model's shapes): MKL alone
 #: wins from ~32 rows (`benchmarks/cpu_vs_llamacpp.py --gemm`), but the dense path also dequantizes the weight on
@@ -67,6 +67,11 @@ class Int8Linear(nn.Module):
         half = weight.scale.to(torch.float16)
         exact = ok and weight.offset is None and torch.equal(half.to(torch.float32), weight.scale)
         self.register_buffer("kernel_scale", half if exact else None)
+        self._gemm: Int8Gemm | None = None  # the kernel bound to these buffers, built on first use
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self._gemm = None  # buffers moved or converted: bind the kernel again
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def out_features(self) -> int:
@@ -89,8 +94,10 @@ class Int8Linear(nn.Module):
                 DENSE_MIN_ROWS if self.q.numel() <= _SLICE_WEIGHTS else DENSE_MIN_ROWS_SLICED):
             y = self._dense_forward(x)
         else:
-            scale = self.scale if self.kernel_scale is None else self.kernel_scale
-            y = int8_linear(x, self.q, scale, self.offset, activation_block=self.activation_block)
+            if self._gemm is None:
+                scale = self.scale if self.kernel_scale is None else self.kernel_scale
+                self._gemm = Int8Gemm(self.q, scale, self.offset, self.activation_block)
+            y = self._gemm(x)
         return y if self.bias is None else y + self.bias
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
