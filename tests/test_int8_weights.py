@@ -134,17 +134,21 @@ def test_fast_numerics_round_activations_like_llama_cpp(tiny_model, fmt: str, bl
     assert relative < 0.05, relative
 
 
-@pytest.mark.parametrize(("block", "group", "codes", "offset"),
-                         [(32, 32, (-128, 128), False), (32, 32, (0, 16), True), (256, 16, (-32, 32), False),
-                          (256, 32, (0, 32), True), (256, 32, (-16, 16), False)])
+@pytest.mark.parametrize(("block", "group", "codes", "offset", "k"),
+                         [(32, 32, (-128, 128), False, 1024), (32, 32, (0, 16), True, 1024),
+                          (256, 16, (-32, 32), False, 1024), (256, 32, (0, 32), True, 1024),
+                          (256, 32, (-16, 16), False, 1024),
+                          # K not a multiple of 64: the AVX2 tiles even where AVX-512 VNNI serves the others
+                          (32, 32, (-128, 128), False, 96), (32, 16, (0, 16), True, 160)])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block, group, codes, offset, rows) -> None:
+def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block, group, codes, offset, k,
+                                                                         rows) -> None:
     """The int8-activation kernel equals: x rounded by llama.cpp's quantize_row_q8_0 / q8_K, then an exact
     product with the dequantized weight (only fp32 summation order differs)."""
     from nbllm.models.llamacpp_numerics import round_q8_0, round_q8_K
 
-    gen = torch.Generator().manual_seed(block + group + rows)
-    n, k = 37, 1024
+    gen = torch.Generator().manual_seed(block + group + rows + k)
+    n = 37
     q = torch.randint(*codes, (n, k), dtype=torch.int8, generator=gen)
     s = torch.rand(n, k // group, generator=gen)
     o = torch.rand(n, k // group, generator=gen) if offset else None
