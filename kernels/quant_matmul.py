@@ -198,7 +198,7 @@ def _quantize_row(x_row, xi_row, xf_row, K: tl.constexpr):
     g = tl.arange(0, G)
     t = tl.arange(0, 8)
     i = tl.arange(0, 4)
-    for g0 in range(0, K // 32, G):
+    for g0 in tl.static_range(0, K // 32, G):  # unrolled: the chunks' loads go out together
         grp = g0 + g
         ok = grp < K // 32
         x = tl.load(x_row + (grp * 32)[:, None, None] + (4 * t)[None, :, None] + i[None, None, :],
@@ -213,28 +213,39 @@ def _quantize_row(x_row, xi_row, xf_row, K: tl.constexpr):
 
 
 @triton.jit
-def _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's output rows, their store mask, the rows to read (clamped: loads need no mask), and its
-    input row's scratch (filled)."""
+def _rows(N, BLOCK_N: tl.constexpr):
+    """This program's output rows, their store mask, and the rows to read (clamped: loads need no mask)."""
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+
+
+@triton.jit
+def _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, K: tl.constexpr):
+    """This program's input row's scratch, filled (after the first weight tile's loads are issued)."""
     m = tl.program_id(0).to(tl.int64)
     xi_row = xi_ptr + m * stride_xi
     xf_row = xf_ptr + m * stride_xf
     _quantize_row(x_ptr + m * stride_x, xi_row, xf_row, K)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64), xi_row, xf_row
+    return xi_row, xf_row
 
 
 @triton.jit
 def _gemv_q4_k(x_ptr, xi_ptr, xf_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_xi,
                stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     # 64-weight chunk c of a super-block: qs words 8c..8c+7, low nibbles sub-block 2c, high nibbles 2c + 1.
-    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NSB * 256, BLOCK_N)
+    # The next iteration's code words are loaded before this one's math (by hand: Triton pipelines only dots).
+    rows, ok, r = _rows(N, BLOCK_N)
     c = tl.arange(0, 4)
     t = tl.arange(0, 8)
+    ss = tl.arange(0, S)
+    w_ptr = qs_ptr + r[:, None, None, None] * (NSB * 32) + (8 * c)[None, None, :, None] + t[None, None, None, :]
+    w = tl.load(w_ptr + (tl.minimum(ss, NSB - 1) * 32)[None, :, None, None])  # [BN, S, 4, 8]
+    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NSB * 256)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for sb0 in range(0, NSB, S):
-        sb = sb0 + tl.arange(0, S)
+        sb = sb0 + ss
         sbc = tl.minimum(sb, NSB - 1)
+        w_next = tl.load(w_ptr + (tl.minimum(sb + S, NSB - 1) * 32)[None, :, None, None])
         x_ok = (sb < NSB)[:, None]
         xword = (sb * 64)[:, None, None] + (16 * c)[None, :, None] + t[None, None, :]  # [S, 4, 8]
         xe = tl.load(xi + xword, mask=x_ok[:, :, None], other=0)
@@ -244,8 +255,6 @@ def _gemv_q4_k(x_ptr, xi_ptr, xf_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.
         dxo = tl.load(xf + grp + 1, mask=x_ok, other=0.0)
         sxe = tl.load(xf + NSB * 8 + grp, mask=x_ok, other=0.0)
         sxo = tl.load(xf + NSB * 8 + grp + 1, mask=x_ok, other=0.0)
-        w = tl.load(qs_ptr + r[:, None, None, None] * (NSB * 32) + (sbc * 32)[None, :, None, None]
-                    + (8 * c)[None, None, :, None] + t[None, None, None, :])  # [BN, S, 4, 8]
         de = tl.sum(_dot4(w & 0x0F0F0F0F, xe[None], False, ASM), axis=3).to(tl.float32)
         do = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, xo[None], False, ASM), axis=3).to(tl.float32)
         sc_base = sc_ptr + r[:, None, None] * (NSB * 12) + (sbc * 12)[None, :, None]
@@ -257,6 +266,7 @@ def _gemv_q4_k(x_ptr, xi_ptr, xf_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.
         codes = tl.sum(sce * dxe[None] * de + sco * dxo[None] * do, axis=2)
         mins = tl.sum(mne * sxe[None] + mno * sxo[None], axis=2)
         acc += tl.sum(d * codes - dmin * mins, axis=1)
+        w = w_next
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -265,30 +275,35 @@ def _gemv_q6_k(x_ptr, xi_ptr, xf_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, N
                stride_xi, stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     # Weight 128h + 32c + 4t + i (h: half, c: 0..3, t: word, i: byte) has its low 4 bits in ql word
     # 16h + 8(c % 2) + t, nibble c // 2, and its high 2 bits in qh word 8h + t, bits 2c; scale (w // 16).
-    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NSB * 256, BLOCK_N)
-    h = tl.arange(0, 2)
-    t = tl.arange(0, 8)
-    f = tl.arange(0, S * 4)  # (super-block, half, 16-group within the 32) flattened
+    # Tiles are [BN, F, 4]: f = (super-block, h, t // 4) flattened, then t % 4, so a 16-weight scale group
+    # is one f. Next iteration's code words are loaded before this one's math, as in _gemv_q4_k.
+    rows, ok, r = _rows(N, BLOCK_N)
+    f = tl.arange(0, S * 4)
+    tt = tl.arange(0, 4)
+    s_f = f // 4
+    h_f = (f // 2) % 2
+    half = f % 2
+    ql_ptrs = ql_ptr + r[:, None, None] * (NSB * 32) + (16 * h_f + 4 * half)[None, :, None] + tt[None, None, :]
+    qh_ptrs = qh_ptr + r[:, None, None] * (NSB * 16) + (8 * h_f + 4 * half)[None, :, None] + tt[None, None, :]
+    sb_f = tl.minimum(s_f, NSB - 1)
+    ql_a = tl.load(ql_ptrs + (sb_f * 32)[None, :, None])  # c even
+    ql_b = tl.load(ql_ptrs + (sb_f * 32 + 8)[None, :, None])  # c odd
+    qh = tl.load(qh_ptrs + (sb_f * 16)[None, :, None])
+    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NSB * 256)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for sb0 in range(0, NSB, S):
-        sb = sb0 + tl.arange(0, S)
-        sbc = tl.minimum(sb, NSB - 1)
-        word = (sbc * 32)[None, :, None, None] + (16 * h)[None, None, :, None] + t[None, None, None, :]
-        ql_a = tl.load(ql_ptr + r[:, None, None, None] * (NSB * 32) + word)  # [BN, S, 2, 8], c even
-        ql_b = tl.load(ql_ptr + r[:, None, None, None] * (NSB * 32) + word + 8)  # c odd
-        qh = tl.load(qh_ptr + r[:, None, None, None] * (NSB * 16) + (sbc * 16)[None, :, None, None]
-                     + (8 * h)[None, None, :, None] + t[None, None, None, :])
-        sb_f = sb0 + f // 4
-        f_ok = sb_f < NSB
-        sb_f = tl.minimum(sb_f, NSB - 1)
-        h_f = (f // 2) % 2
-        d = tl.load(d_ptr + r[:, None] * NSB + sb_f[None, :]).to(tl.float32)  # [BN, S*4]
-        x_ok = (sb < NSB)[:, None, None]
+        f_ok = sb0 + s_f < NSB
+        sb_f = tl.minimum(sb0 + s_f, NSB - 1)
+        nx = tl.minimum(sb0 + S + s_f, NSB - 1)
+        ql_a_next = tl.load(ql_ptrs + (nx * 32)[None, :, None])
+        ql_b_next = tl.load(ql_ptrs + (nx * 32 + 8)[None, :, None])
+        qh_next = tl.load(qh_ptrs + (nx * 16)[None, :, None])
+        d = tl.load(d_ptr + r[:, None] * NSB + sb_f[None, :]).to(tl.float32)  # [BN, F]
         for c in tl.static_range(4):
-            xw = tl.load(xi + (sb * 64)[:, None, None] + (32 * h)[None, :, None] + 8 * c + t[None, None, :],
-                         mask=x_ok, other=0)  # [S, 2, 8]
-            dx = tl.load(xf + sb_f * 8 + 4 * h_f + c, mask=f_ok, other=0.0)  # [S*4]
-            g16 = sb_f * 16 + 8 * h_f + 2 * c + f % 2
+            xw = tl.load(xi + (sb_f * 64 + 32 * h_f + 8 * c + 4 * half)[:, None] + tt[None, :],
+                         mask=f_ok[:, None], other=0)  # [F, 4]
+            dx = tl.load(xf + sb_f * 8 + 4 * h_f + c, mask=f_ok, other=0.0)
+            g16 = sb_f * 16 + 8 * h_f + 2 * c + half
             xsum = tl.load(xi + NSB * 64 + g16, mask=f_ok, other=0)
             if c % 2 == 0:
                 lo = ql_a
@@ -296,9 +311,12 @@ def _gemv_q6_k(x_ptr, xi_ptr, xf_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, N
                 lo = ql_b
             lo = (lo >> (4 * (c // 2))) & 0x0F0F0F0F
             codes = lo | (((qh >> (2 * c)) & 0x03030303) << 4)
-            dots = tl.sum(tl.reshape(_dot4(codes, xw[None], False, ASM), (BLOCK_N, S * 4, 4)), axis=2)
+            dots = tl.sum(_dot4(codes, xw[None], False, ASM), axis=2)  # [BN, F]
             sc = tl.load(sc_ptr + r[:, None] * (NSB * 16) + g16[None, :]).to(tl.float32)
             acc += tl.sum(d * sc * dx[None] * (dots - 32 * xsum[None]).to(tl.float32), axis=1)
+        ql_a = ql_a_next
+        ql_b = ql_b_next
+        qh = qh_next
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -307,7 +325,8 @@ def _gemv_q5_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.co
                stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     # Block of 32: qs word t holds weights 4t..4t+3 (low nibbles) and 16+4t.. (high); qh bit i is weight i's 5th.
     G: tl.constexpr = 8 * S
-    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NB * 32, BLOCK_N)
+    rows, ok, r = _rows(N, BLOCK_N)
+    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NB * 32)
     t = tl.arange(0, 4)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, NB, G):
@@ -333,7 +352,8 @@ def _gemv_q5_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.co
 def _gemv_q8_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_xi, stride_xf,
                stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
     G: tl.constexpr = 8 * S
-    rows, ok, r, xi, xf = _setup(x_ptr, xi_ptr, xf_ptr, N, stride_x, stride_xi, stride_xf, NB * 32, BLOCK_N)
+    rows, ok, r = _rows(N, BLOCK_N)
+    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NB * 32)
     t = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for b0 in range(0, NB, G):
@@ -418,15 +438,12 @@ def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
-    """Launch shape: S * 256 weights a row per iteration, and the widest row tile that still gives every SM
-    several programs (decode's small matrices need the programs, its large ones the wide tiles). The CPU
-    interpreter runs one program at a time: one wide tile a row."""
+    """Launch shape: S * 256 weights a row per iteration over BLOCK_N rows, the best of a sweep on an H200 over
+    Llama-3-8B's matrices (`benchmarks/gpu_quant_gemv.py --sweep`). The CPU interpreter runs one program at a
+    time: one wide tile a row."""
     if device.type != "cuda":
         return {"BLOCK_N": 64, "S": 2, "num_warps": 4}
-    block_n = 16
-    while block_n > 2 and triton.cdiv(w.n, block_n) < 4 * torch.cuda.get_device_properties(device).multi_processor_count:
-        block_n //= 2
-    return {"BLOCK_N": block_n, "S": 4 if w.kind in ("q4_k", "q6_k") else 2, "num_warps": 4}
+    return {"BLOCK_N": 32 if w.n >= 8192 else 16, "S": 2 if w.n >= 8192 else 4, "num_warps": 4}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:

@@ -82,13 +82,14 @@ def check(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_within_int8_input_rounding_bound(kind, dtype) -> None:
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 2, "S": 1, "num_warps": 4}], ids=["default", "narrow"])
+def test_gemv_within_int8_input_rounding_bound(kind, dtype, config) -> None:
     k = K[kind]
     raw = weight(kind, N, k, seed=len(kind))
     w = pack(raw.to(DEVICE), kind, k)
     for m in GEMV_ROWS:
         x = inputs(m, k, dtype, seed=m)
-        got = quant_gemv(x.to(DEVICE), w)
+        got = quant_gemv(x.to(DEVICE), w, config=config)
         assert got.shape == (m, N) and got.dtype == dtype
         want = gguf_linear_reference(x, raw, QTYPE[kind], (N, k))
         bound = gemv_bound(x, raw, kind, k)
