@@ -5,9 +5,9 @@ same whatever the file: the GGUF source decodes quantized tensors (`nbllm.gguf.q
 source maps HF names through gguf's `TensorNameMap` and reads over mmap (`safe_open`). Per-architecture
 format quirks come from the `ArchSpec` as fixups (llama.cpp's permuted Llama q/k rows, HF Gemma's norm offset).
 On the CPU in fp32, a GGUF file's quantized weights stay quantized (int8 codes + group scales, repacked once and
-cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels. On a GPU, weights of the
-types the Triton kernels read (Q4_K, Q5_0, Q6_K, Q8_0) stay in their GGUF bits (`GGUFLinear`). With
-`n_gpu_layers`, a CUDA load splits the layers between the CPU and the GPU (`nbllm.models.placement`).
+cached like the dequantized tensors; `nbllm.gguf.repack`) and run on the int8 kernels. With `n_gpu_layers`, a CUDA
+load splits the layers between the CPU and the GPU (`nbllm.models.placement`), and the GPU layers' weights of the
+types the Triton kernels read (Q4_K, Q5_0, Q6_K, Q8_0) stay in their GGUF bits (`GGUFLinear`).
 """
 
 from __future__ import annotations
@@ -87,12 +87,13 @@ class GGUFWeights(WeightSource):
         return tensor
 
     def linear(self, prefix: str, out_features: int, in_features: int, *, bias: bool | None = None) -> nn.Module:
-        """On a GPU, a weight of a type the Triton kernels read keeps its GGUF bits (`GGUFLinear`: decode reads a
-        quarter of the bytes of bf16 for Q4_K); everything else as `WeightSource.linear` builds it. The token
-        table stays dense: it is also the embedding lookup."""
+        """With `packed_on_gpu` (offloaded GPU layers), a weight of a type the Triton kernels read keeps its GGUF
+        bits (`GGUFLinear`: a quarter of bf16's bytes for Q4_K); everything else as `WeightSource.linear` builds
+        it. The token table stays dense: it is also the embedding lookup. A whole-model GPU load stays dense: the
+        packed GEMV runs at 19% of its roofline and the GEMM below bf16's speed so far (benchmarks/RESULTS.md)."""
         name = f"{prefix}.weight"
-        if (self.device.type != "cuda" or prefix == "token_embd" or self.llamacpp_numerics or not self.has(name)
-                or self.ggml_type(name) not in _gpu_kernel_types()):
+        if (self.device.type != "cuda" or not self.packed_on_gpu or prefix == "token_embd" or self.llamacpp_numerics
+                or not self.has(name) or self.ggml_type(name) not in _gpu_kernel_types()):
             return super().linear(prefix, out_features, in_features, bias=bias)
         from nbllm.models.gpu_quant_linear import GGUFLinear
 

@@ -123,6 +123,7 @@ def source_at(source: WeightSource, place: Place) -> WeightSource:
     view = copy.copy(source)
     view.device, view.dtype = place.device, place.dtype
     view.int8 = source.int8 and place == CPU
+    view.packed_on_gpu = place.device.type == "cuda"  # offloaded GPU layers keep GGUF bits: llama.cpp's VRAM use
     return view
 
 

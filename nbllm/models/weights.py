@@ -50,6 +50,9 @@ class WeightSource(ABC):
     ) -> None:
         self.path = path
         self.int8 = int8
+        # Keep quantized blocks in their packed bits on a GPU, where the source can (GGUF): the layer-offload
+        # path sets it (VRAM is what offloading is short of); a whole-model GPU load stays in `dtype` (faster).
+        self.packed_on_gpu = False
         self.int8_activations = int8_activations
         self.dtype = dtype
         self.device = torch.device(device)
