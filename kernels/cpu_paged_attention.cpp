@@ -121,10 +121,10 @@ extern "C" {
 
 // Attention of the queries of sequences `seqs[0..num_seqs)`; other rows of `out` are left as they are. D must be a
 // multiple of 8; all tensors contiguous fp32 (tables and lengths int32).
-void nbllm_paged_decode_attention(const float* q, float* out, const float* k_cache, const float* v_cache,
-                                  int64_t block_size, int64_t hq, int64_t hkv, int64_t d, const int32_t* block_tables,
-                                  int64_t bt_stride, const int32_t* cu_query_lens, const int32_t* context_lens,
-                                  const int64_t* seqs, int64_t num_seqs, float scale, int64_t window, int threads) {
+void nbllm_paged_attention(const float* q, float* out, const float* k_cache, const float* v_cache, int64_t block_size,
+                           int64_t hq, int64_t hkv, int64_t d, const int32_t* block_tables, int64_t bt_stride,
+                           const int32_t* cu_query_lens, const int32_t* context_lens, const int64_t* seqs,
+                           int64_t num_seqs, float scale, int64_t window, int threads) {
     const Shape sh{hq, hkv, d, block_size, bt_stride, window, scale};
     const int64_t group = hq / hkv, rows_max = kQueryBlock * group;
     std::vector<Item> items;
@@ -183,9 +183,10 @@ void nbllm_paged_decode_attention(const float* q, float* out, const float* k_cac
                 }
                 const int64_t j = r / group, g = r % group;
                 float* o = out + (start + item.q0 + j) * hq * d + (item.head * group + g) * d;
+                const float* acc = base + 2 * rows + r * d;
                 for (int64_t x = 0; x < d; ++x) {
                     float sum = 0.0f;
-                    for (int64_t c = 0; c < grp.chunks; ++c) sum += w[c] * base[c * state_floats + 2 * rows + r * d + x];
+                    for (int64_t c = 0; c < grp.chunks; ++c) sum += w[c] * acc[c * state_floats + x];
                     o[x] = sum / total;
                 }
             }

@@ -15,7 +15,7 @@ import torch
 
 from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
 
-__all__ = ["paged_decode_attention", "supports"]
+__all__ = ["paged_attention_cpu", "supports"]
 
 
 def supports(k_cache: torch.Tensor) -> bool:
@@ -24,7 +24,7 @@ def supports(k_cache: torch.Tensor) -> bool:
             and unavailable_reason() is None)
 
 
-def paged_decode_attention(
+def paged_attention_cpu(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -44,11 +44,11 @@ def paged_decode_attention(
     """
     for t in (q, out, k_cache, v_cache, seqs, block_tables, cu_query_lens, context_lens):
         if not t.is_contiguous():
-            raise ValueError("paged_decode_attention needs contiguous tensors")
+            raise ValueError("paged_attention_cpu needs contiguous tensors")
     if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
-        raise ValueError(f"paged_decode_attention computes in fp32, got q {q.dtype} and pools {k_cache.dtype}")
+        raise ValueError(f"paged_attention_cpu computes in fp32, got q {q.dtype} and pools {k_cache.dtype}")
     _, block_size, hkv, d = k_cache.shape
-    kernel = function("nbllm_paged_decode_attention",
+    kernel = function("nbllm_paged_attention",
                       P, P, P, P, I, I, I, I, P, I, P, P, P, I, ctypes.c_float, I, ctypes.c_int)
     kernel(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], hkv, d,
            block_tables.data_ptr(), block_tables.shape[1], cu_query_lens.data_ptr(), context_lens.data_ptr(),

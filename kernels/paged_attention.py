@@ -212,7 +212,7 @@ def run_paged_attention(
     group = q.shape[1] // hkv
     if plan.native is not None:
         n = plan.native
-        cpu_paged_attention.paged_decode_attention(
+        cpu_paged_attention.paged_attention_cpu(
             q.contiguous(), k_cache, v_cache, out, seqs=n.seqs, block_tables=n.block_tables,
             cu_query_lens=n.cu_query_lens, context_lens=n.context_lens, scale=scale, sliding_window=n.sliding_window)
     for b in plan.batches:
