@@ -100,8 +100,14 @@ inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
 inline float finish(float products, const Q8Rows& xq, int64_t m, const float* o, int r, int64_t groups) {
     if (o == nullptr) return products;
     const float* sums = xq.group_sums.data() + m * groups;
-    for (int64_t g = 0; g < groups; ++g) products -= o[r * groups + g] * sums[g];
-    return products;
+    const float* offsets = o + r * groups;
+    __m256 share = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+        share = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + g), _mm256_loadu_ps(sums + g), share);
+    float total = nbllm::hsum(share);
+    for (; g < groups; ++g) total += offsets[g] * sums[g];
+    return products - total;
 }
 
 constexpr int kRows = 4;  // weight rows per tile
