@@ -72,6 +72,9 @@ def test_default_model_logits_match_transformers_gguf_loader(default_model_path,
 # Two near-tied tokens can therefore swap order: where the two models' margins between llama.cpp's pick and
 # ours add up to less than MAX_SWING, either token is a faithful greedy step.
 MAX_SWING = 1.0
+# Fast numerics round activations to 8 bits in llama.cpp's blocks but sum in another fp32 order: the rounding steps
+# that order flips cascade, so single logits stray up to ~2 (the gap bound below) and so may a near-tie's swing.
+FAST_MAX_SWING = 2.0
 FAST_NEAR_TIE = 0.5
 
 
@@ -105,14 +108,13 @@ def test_default_model_greedy_matches_llama_cpp(any_numerics_model, case, eog):
     picked = logits[steps, torch.tensor(generated)]
     llamacpp_logit = torch.tensor([best_logit for (_, best_logit), _ in case["top2"]])
     gaps = (picked - llamacpp_logit).abs()
-    # fast numerics round activations to 8 bits as llama.cpp does, but not bit for bit as it does (see below):
-    # rounding steps cascade, so single logits stray further while the mean stays as close.
-    worst = 2.0 if any_numerics_model.numerics == "fast" else 1.5
-    assert gaps.mean() < 0.5 and gaps.max() < worst, f"logits far from llama.cpp's: {gaps.tolist()}"
+    # fast numerics: single logits stray further (see FAST_MAX_SWING) while the mean stays as close
+    fast = any_numerics_model.numerics == "fast"
+    assert gaps.mean() < 0.5 and gaps.max() < (2.0 if fast else 1.5), f"logits far from llama.cpp's: {gaps.tolist()}"
     our_margin = logits.max(-1).values - picked  # 0 where we pick the same token
     llamacpp_margin = torch.tensor([best - runner_up for (_, best), (_, runner_up) in case["top2"]])
     swing = torch.where(our_margin > 0, our_margin + llamacpp_margin, 0.0)
-    assert (swing < MAX_SWING).all(), f"picks differ beyond a near-tie: {swing.tolist()}"
+    assert (swing < (FAST_MAX_SWING if fast else MAX_SWING)).all(), f"picks differ beyond a near-tie: {swing.tolist()}"
 
     expected = generated[:16]
     differ = (logits.argmax(-1) != torch.tensor(generated)).tolist()[:16]
