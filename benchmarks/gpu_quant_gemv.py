@@ -18,7 +18,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from gpu_throughput import copy_bandwidth
+from gpu_throughput import copy_bandwidth, median_replay_seconds
 
 from nbllm.kernels.quant_matmul import gemv_config, pack, quant_gemm, quant_gemv, random_blocks
 
@@ -44,15 +44,7 @@ def graph_seconds(step, repeats: int = 20) -> float:
     with torch.cuda.graph(graph):
         step()
     graph.replay()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_replay_seconds(graph, repeats)
 
 
 def decode_step(weights: list[dict[str, object]], matmul, x_h: torch.Tensor, x_i: torch.Tensor):

@@ -389,6 +389,11 @@ def graph_replay_seconds(engine: EngineCore, batch: int, repeats: int = 200) -> 
     graph = engine.runner.graphs._graphs[batch]
     for _ in range(10):
         graph.replay()
+    return median_replay_seconds(graph, repeats)
+
+
+def median_replay_seconds(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    """Median seconds of one `graph.replay()`, each timed alone with CUDA events."""
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
