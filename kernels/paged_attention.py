@@ -84,7 +84,7 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Native:
-    """Sequences with few queries, attended by the C++ kernel (its arguments, int32 and contiguous)."""
+    """The step's sequences, attended by the C++ kernel (its arguments, int32 and contiguous)."""
 
     seqs: torch.Tensor  # int64 sequence indices
     block_tables: torch.Tensor

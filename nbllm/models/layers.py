@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbllm.kernels import cpu_activation, cpu_rmsnorm, cpu_rotary
+from nbllm.models.quantized_linear import Int8Linear
 
 if TYPE_CHECKING:
     from nbllm.models.attention import AttentionBackend
@@ -167,16 +168,14 @@ class GatedMLP(nn.Module):
 def _concat_linears(parts: tuple[Linear, ...], dense: bool) -> Linear | None:
     """One linear whose output is the parts' outputs side by side, or None where they cannot be joined: parts of
     different kinds, dense parts when `dense` is False, llama.cpp activation rounding, a bias on only some parts."""
-    from nbllm.models.quantized_linear import Int8Linear
-
-    if all(type(p) is Int8Linear for p in parts):
-        return Int8Linear.concat(parts)
-    if not dense or any(type(p) is not Linear or p.round_input is not None for p in parts):
-        return None
     biases = [p.bias for p in parts]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
     bias = torch.cat(biases) if biases[0] is not None else None
+    if all(type(p) is Int8Linear for p in parts):
+        return Int8Linear.concat(parts, bias)
+    if not dense or any(type(p) is not Linear or p.round_input is not None for p in parts):
+        return None
     return Linear(torch.cat([p.weight for p in parts]), bias)
 
 

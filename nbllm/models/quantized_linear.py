@@ -62,11 +62,6 @@ class Int8Linear(nn.Module):
         ok = activation_block is not None and round_input is None and q8_supported(weight.q, weight.scale,
                                                                                    activation_block)
         self.activation_block = activation_block if ok else None
-        # The integer kernel reads fp16 scales where they are exact (Q8_0/Q5_0/Q4_0 store fp16 ones): decode reads
-        # every scale each token, 1/16 of the codes' bytes in fp32 (the output projection: 10 MB less a token).
-        half = weight.scale.to(torch.float16)
-        exact = ok and weight.offset is None and torch.equal(half.to(torch.float32), weight.scale)
-        self.register_buffer("kernel_scale", half if exact else None)
         self._gemm: Int8Gemm | None = None  # the kernel bound to these buffers, built on first use
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -95,10 +90,18 @@ class Int8Linear(nn.Module):
             y = self._dense_forward(x)
         else:
             if self._gemm is None:
-                scale = self.scale if self.kernel_scale is None else self.kernel_scale
-                self._gemm = Int8Gemm(self.q, scale, self.offset, self.activation_block)
+                self._gemm = Int8Gemm(self.q, self._kernel_scale(), self.offset, self.activation_block)
             y = self._gemm(x)
         return y if self.bias is None else y + self.bias
+
+    def _kernel_scale(self) -> torch.Tensor:
+        """The scales the kernel reads: fp16 where the integer kernel runs and they are exact in it (Q8_0/Q5_0/Q4_0
+        store fp16 ones; decode reads every scale each token, the output projection's 10 MB less in fp16). Made
+        when the kernel is bound, so layers that `concat` joins never pay for it."""
+        if self.activation_block is None or self.offset is not None:
+            return self.scale
+        half = self.scale.to(torch.float16)
+        return half if torch.equal(half.to(torch.float32), self.scale) else self.scale
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.q.shape
@@ -113,9 +116,10 @@ class Int8Linear(nn.Module):
         return y
 
     @classmethod
-    def concat(cls, parts: tuple[Int8Linear, ...]) -> Int8Linear | None:
-        """One layer whose output is the parts' outputs side by side (q/k/v, gate/up: one kernel call instead of
-        several), or None when the parts do not share a group size and input rounding.
+    def concat(cls, parts: tuple[Int8Linear, ...], bias: torch.Tensor | None) -> Int8Linear | None:
+        """One layer whose output is the parts' outputs side by side, with the parts' joined `bias` (q/k/v,
+        gate/up: one kernel call instead of several), or None when the parts do not share a group size and input
+        rounding.
 
         Rows are summed in the same order either way (the kernel is row-wise), so outputs are bit-identical.
         """
@@ -128,10 +132,6 @@ class Int8Linear(nn.Module):
             offset = torch.cat([torch.zeros_like(p.scale) if p.offset is None else p.offset for p in parts])
         else:
             offset = None
-        biases = [p.bias for p in parts]
-        if any(b is None for b in biases) and any(b is not None for b in biases):
-            return None
-        bias = torch.cat(biases) if biases[0] is not None else None
         weight = Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset)
         return cls(weight, bias, round_input=first.round_input, activation_block=first.activation_block)
 
