@@ -15,6 +15,7 @@ from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_r
 
 __all__ = ["gated_activation", "supports"]
 
+
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 

@@ -15,6 +15,7 @@ from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_r
 
 __all__ = ["Int8Gemm", "int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
 
+
 def _gemm(name: str, *extra: type) -> ctypes._CFuncPtr:
     """`nbllm_int8_gemm`'s or `nbllm_q8_gemm`'s function (the latter takes `extra` trailing arguments)."""
     return function(name, P, I, I, P, P, P, I, I, I, P, I, ctypes.c_int, *extra)

@@ -15,6 +15,7 @@ from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_r
 
 __all__ = ["rms_norm", "supports"]
 
+
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` takes these: fp32 CPU tensors, a row length that is a multiple of 8."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32

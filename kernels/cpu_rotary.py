@@ -14,6 +14,7 @@ from nbllm.kernels.cpu_library import I, P, function, unavailable_reason
 
 __all__ = ["norm_rotary", "supports"]
 
+
 def supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `norm_rotary` takes heads `x: [T, H, D]` rotated by tables like `cos: [P, D / 2]`."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and cos.dtype == torch.float32

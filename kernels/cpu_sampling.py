@@ -15,6 +15,7 @@ from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_r
 
 __all__ = ["row_argmax_logsumexp", "supports"]
 
+
 def supports(x: torch.Tensor) -> bool:
     """Whether `row_argmax_logsumexp` takes `x`: 2-d fp32 on the CPU with unit column stride."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
