@@ -16,9 +16,8 @@ from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_r
 __all__ = ["Int8Gemm", "int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
 
 
-def _gemm(name: str, *extra: type) -> ctypes._CFuncPtr:
-    """`nbllm_int8_gemm`'s or `nbllm_q8_gemm`'s function (the latter takes `extra` trailing arguments)."""
-    return function(name, P, I, I, P, P, P, I, I, I, P, I, ctypes.c_int, *extra)
+def _int8_gemm() -> ctypes._CFuncPtr:
+    return function("nbllm_int8_gemm", P, I, I, P, P, P, I, I, I, P, I, ctypes.c_int)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -68,13 +67,18 @@ class Int8Gemm:
             raise ValueError(f"int8 activations in blocks of {activation_block} need K divisible by it and groups "
                              f"of 16 or 32, got K={q.shape[1]}, group {group}")
         self.n, self.k = q.shape
-        self._tensors = (q, s, o)  # kept alive: the kernel reads them through raw pointers
-        weight = (q.data_ptr(), s.data_ptr(), _ptr(o), self.n, self.k, group)
         if activation_block is None:
-            kernel, tail = _gemm("nbllm_int8_gemm"), ()
+            self._tensors = (q, s, o)  # kept alive: the kernel reads them through raw pointers
+            kernel, weight = _int8_gemm(), (q.data_ptr(), s.data_ptr(), _ptr(o), self.n, self.k, group)
+            self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads())
         else:
-            kernel, tail = _gemm("nbllm_q8_gemm", I, ctypes.c_int), (activation_block, int(s.dtype == torch.float16))
-        self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads(), *tail)
+            half = int(s.dtype == torch.float16)
+            packed = _pack_panels(q, s, o, group, half)
+            self._tensors = (packed,)
+            kernel = function("nbllm_q8_gemm", P, I, I, P, I, I, I, ctypes.c_int, ctypes.c_int, P, I, ctypes.c_int, I)
+            weight = (packed.data_ptr(), self.n, self.k, group, half, int(o is not None))
+            self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads(),
+                                                  activation_block)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.k)
@@ -84,6 +88,16 @@ class Int8Gemm:
         if x2.shape[0]:
             self._run(x2.data_ptr(), x2.shape[0], y.data_ptr())
         return y.view(*x.shape[:-1], self.n)
+
+
+def _pack_panels(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, group: int, half: int) -> torch.Tensor:
+    """The weight in the int8-activation kernel's own layout (panels of 16 rows; `cpu_q8_gemm.cpp` says why)."""
+    n, k = q.shape
+    size = function("nbllm_q8_packed_bytes", I, I, I, ctypes.c_int, ctypes.c_int, restype=I)
+    packed = torch.empty(size(n, k, group, half, int(o is not None)), dtype=torch.uint8)
+    function("nbllm_q8_pack", P, P, P, I, I, I, ctypes.c_int, P, ctypes.c_int)(
+        q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, half, packed.data_ptr(), num_threads())
+    return packed
 
 
 def q8_supported(q: torch.Tensor, s: torch.Tensor, activation_block: int) -> bool:

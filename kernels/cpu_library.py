@@ -31,8 +31,10 @@ _DIR = Path(__file__).parent
 #: ctypes argument types of the kernels' C functions: pointers (a tensor's `data_ptr()`, or None) and sizes.
 P, I = ctypes.c_void_p, ctypes.c_int64
 # -march=native: the library is built on the machine that runs it, and the kernels use what it has beyond AVX2
-# (AVX-VNNI / AVX512-VNNI integer dot products); the CPU's identity is part of the cache key.
-_FLAGS = ("-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared", "-std=c++17")
+# (AVX-VNNI / AVX512-VNNI integer dot products); the CPU's identity is part of the cache key. NBLLM_CPU_ARCH
+# names another target (e.g. `haswell`: the AVX2-only paths most laptops run, testable on an AVX-512 machine).
+_FLAGS = (f"-march={os.environ.get('NBLLM_CPU_ARCH', 'native')}", "-O3", "-mavx2", "-mfma", "-mf16c", "-pthread",
+          "-fPIC", "-shared", "-std=c++17")
 
 
 def _sources() -> list[Path]:
@@ -88,11 +90,11 @@ def unavailable_reason() -> str | None:
 
 
 @cache
-def function(name: str, *argtypes: type) -> ctypes._CFuncPtr:
-    """The library's C function `name` (returning void) with its argument types declared."""
+def function(name: str, *argtypes: type, restype: type | None = None) -> ctypes._CFuncPtr:
+    """The library's C function `name` with its argument and result types declared (None: returns void)."""
     fn = getattr(library(), name)
     fn.argtypes = list(argtypes)
-    fn.restype = None
+    fn.restype = restype
     return fn
 
 

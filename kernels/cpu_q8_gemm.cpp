@@ -1,36 +1,35 @@
-// y[M, N] = x[M, K] · W[N, K]^T with the weights as int8 codes + per-group fp32 scales/offsets (the layout of
-// cpu_int8_gemm.cpp) and the activations quantized to int8 first, exactly as llama.cpp's CPU backend quantizes a
-// matmul's input for the weight's type (its vec_dot_type):
+// y[M, N] = x[M, K] · W[N, K]^T with the weights as int8 codes + per-group scales/offsets (the layout of
+// cpu_int8_gemm.cpp, repacked once into panels below) and the activations quantized to int8 first, exactly as
+// llama.cpp's CPU backend quantizes a matmul's input for the weight's type (its vec_dot_type):
 //   Q8_0 (blocks of 32; Q4_0/Q5_0/Q8_0 ... weights): d = max|x| / 127 rounded to fp16, codes round(x * 127 / max|x|);
 //   Q8_K (blocks of 256; K-quant weights): iscale = -127 / (signed max), codes min(127, round(iscale * x)),
 //   d = 1 / iscale in fp32 (quantize_row_q8_K_ref). Rounding is half to even in both.
 //
-// Why: converting every weight to fp32 costs ~2.5 instructions per weight, which makes the exact kernel
-// compute-bound at batch 1 on these cores. Integer products of 32 weights with 32 activations take one
-// maddubs + one madd (llama.cpp's sign trick: |w| unsigned times x with w's sign), so the call runs at memory
-// speed. The result differs from the exact one by the activations' rounding -- the rounding llama.cpp itself
-// makes; within a block of 32 the products are summed exactly in integers.
+// Why integers: converting every weight to fp32 costs ~2.5 instructions per weight, which makes an fp32 kernel
+// compute-bound at batch 1 on these cores; integer products take one VNNI instruction per 64 weights. The result
+// differs from the exact one by the activations' rounding -- the rounding llama.cpp itself makes; within a group
+// of 16 or 32 the products are summed exactly in integers.
 //
-//   y[m, n] = sum_b d_x[m, b] * sum_{g in b} s[n, g] * (q[n, g] · q_x[m, g])  -  sum_g o[n, g] * d_x * sum(q_x[m, g])
+//   y[m, n] = sum_g (s[n, g] * d_x[m, g] * (q[n, g] · q_x[m, g])  -  o[n, g] * d_x[m, g] * sum(q_x[m, g]))
 //
-// Rows are batch-invariant (each row of x is quantized and summed the same way whatever M is).
+// summed over the groups g in order, one fp32 fma chain per output: every output's arithmetic is the same whatever
+// M is and however the rows are tiled, so rows are batch-invariant.
+//
+// Why panels: the weights are repacked once into panels of 16 rows, each group stored as (G / 4) vectors of
+// 16 rows x 4 consecutive codes, then the panel's 16 scales (and offsets) of that group. One vector load feeds one
+// VNNI dot product per activation row into 16 row sums at once (the activation's 4 codes broadcast): no horizontal
+// sums, a weight read once per tile of activation rows, and a panel is one sequential stream (decode is
+// memory-bound: the hardware prefetcher follows one stream per thread best).
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu_pool.h"
-#include "cpu_simd.h"
 
 namespace {
 
-constexpr int64_t kBlock = 32;
-
-// x quantized: codes [M, K], per-block scales [M, K / 32] and, for offset weights, per-group sums d * sum(codes).
-struct Q8Rows {
-    std::vector<int8_t> q;
-    std::vector<float> d;
-    std::vector<float> group_sums;
-    std::vector<int32_t> neg_sums;  // -128 * (sum of codes 4i..4i+3), [M, K / 4]: the wide path's starting sums
-};
+constexpr int64_t kQ8Block = 32;
+constexpr int64_t kLanes = 16;  // weight rows per panel
 
 inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
 
@@ -56,201 +55,260 @@ inline float quantize_block(const float* x, int64_t n, bool q8_k, int8_t* codes)
     return q8_k ? 1.0f / mul : fp16_round(amax / 127.0f);
 }
 
-Q8Rows quantize(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t G, int64_t act_block, bool sums) {
-    const int64_t blocks = K / kBlock, groups = K / G, per = act_block / kBlock;
-    Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * blocks), std::vector<float>(sums ? M * groups : 0),
-             std::vector<int32_t>(M * K / 4)};
-    for (int64_t m = 0; m < M; ++m) {
-        for (int64_t b = 0; b < K / act_block; ++b) {
-            const float d = quantize_block(x + m * ldx + b * act_block, act_block, act_block != kBlock,
-                                           r.q.data() + m * K + b * act_block);
-            std::fill(r.d.begin() + m * blocks + b * per, r.d.begin() + m * blocks + (b + 1) * per, d);
-        }
-        for (int64_t i = 0; i < K / 4; ++i) {
-            const int8_t* c = r.q.data() + m * K + 4 * i;
-            r.neg_sums[m * (K / 4) + i] = -128 * (c[0] + c[1] + c[2] + c[3]);
-        }
-        if (sums) {
-            for (int64_t g = 0; g < groups; ++g) {
-                int32_t total = 0;
-                for (int64_t k = g * G; k < (g + 1) * G; ++k) total += r.q[m * K + k];
-                r.group_sums[m * groups + g] = r.d[m * blocks + g * G / kBlock] * static_cast<float>(total);
-            }
-        }
-    }
-    return r;
-}
+// x quantized: codes [M, K]; per weight group [M, K / G]: the activation block's d, the group's code sum and, for
+// offset weights, d * that sum.
+struct Activations {
+    int64_t K, groups;
+    std::vector<int8_t> q;
+    std::vector<float> d;
+    std::vector<int32_t> sum;
+    std::vector<float> scaled_sum;
 
-// Sum of the products of 32 unsigned bytes and 32 signed bytes, in 8 int32 lanes of 4 products each: one VNNI
-// instruction where the CPU has it, else maddubs + madd (the same sums: our operands never saturate int16).
-inline __m256i dot_u8_s8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    Activations(const float* x, int64_t M, int64_t ldx, int64_t K_, int64_t G, int64_t block, bool offsets,
+                int threads)
+        : K(K_), groups(K_ / G), q(M * K_), d(M * groups), sum(M * groups), scaled_sum(offsets ? M * groups : 0) {
+        nbllm::parallel_for(M, 4, threads, [&](int64_t begin, int64_t end) {
+            for (int64_t m = begin; m < end; ++m) {
+                int8_t* codes = q.data() + m * K;
+                for (int64_t b = 0; b < K / block; ++b) {
+                    const float db = quantize_block(x + m * ldx + b * block, block, block != kQ8Block,
+                                                    codes + b * block);
+                    std::fill(d.begin() + m * groups + b * block / G, d.begin() + m * groups + (b + 1) * block / G, db);
+                }
+                for (int64_t g = 0; g < groups; ++g) {
+                    int32_t total = 0;
+                    for (int64_t k = g * G; k < (g + 1) * G; ++k) total += codes[k];
+                    sum[m * groups + g] = total;
+                    if (offsets) scaled_sum[m * groups + g] = d[m * groups + g] * static_cast<float>(total);
+                }
+            }
+        });
+    }
+};
+
+// 16 int32 lanes of dot products over 4 codes each: u (the panel's unsigned codes, w + 128) with s (4 activation
+// codes broadcast). With AVX-512 VNNI one instruction; the start value -128 * sum(x) makes it sum w * x.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+struct I16 {
+    __m512i v;
+};
+struct F16 {
+    __m512 v;
+};
+inline I16 load_codes(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline I16 broadcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return {_mm512_set1_epi32(v)};
+}
+inline I16 group_start(int32_t code_sum) { return {_mm512_set1_epi32(-128 * code_sum)}; }
+inline I16 dot(I16 acc, I16 u, I16 s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
+inline F16 to_float(I16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline F16 fzero() { return {_mm512_setzero_ps()}; }
+inline F16 fset(float v) { return {_mm512_set1_ps(v)}; }
+inline F16 fload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline F16 fload(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+inline F16 mul(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F16 fma(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline F16 fnma(F16 a, F16 b, F16 c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+inline void store(float* p, F16 a, int64_t n) {
+    if (n == kLanes)
+        _mm512_storeu_ps(p, a.v);
+    else
+        _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), a.v);
+}
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
+// AVX2: two halves of 8 lanes; codes back to signed and llama.cpp's sign trick (|w| unsigned times x with w's
+// sign: int16 pairs cannot saturate), so the start value is 0.
+struct I16 {
+    __m256i lo, hi;
+};
+struct F16 {
+    __m256 lo, hi;
+};
+inline I16 load_codes(const uint8_t* p) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
 }
-
-// A weight scale as float: fp32 as stored, or fp16 bits (exact for Q8_0/Q5_0/Q4_0, whose scales are fp16 in the
-// file: half the scale bytes a decode step reads).
-inline float scale_at(const float* s, int64_t i) { return s[i]; }
-inline float scale_at(const uint16_t* s, int64_t i) { return _cvtsh_ss(s[i]); }
-
-// y[m, n] from its scaled integer products: minus the offsets' share, sum_g o[n, g] * d_x * sum(q_x[m, g]).
-inline float finish(float products, const Q8Rows& xq, int64_t m, const float* o, int r, int64_t groups) {
-    if (o == nullptr) return products;
-    const float* sums = xq.group_sums.data() + m * groups;
-    const float* offsets = o + r * groups;
-    __m256 share = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8)
-        share = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + g), _mm256_loadu_ps(sums + g), share);
-    float total = nbllm::hsum(share);
-    for (; g < groups; ++g) total += offsets[g] * sums[g];
-    return products - total;
+inline I16 broadcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)};
 }
-
-constexpr int kRows = 4;  // weight rows per tile
-constexpr int kCols = 2;  // activation rows per tile
-
-// R weight rows (codes q, row stride K; scales s, row stride K / G) times C quantized activation rows.
-template <int R, int C, int G, typename S>
-inline void tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s, const float* o, int64_t K,
-                 float* y, int64_t ldy) {
-    const int64_t blocks = K / kBlock, groups = K / G;
-    __m256 acc[R][C];
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-        __m256i xv[C];
-        __m256 dx[C];
-        for (int c = 0; c < C; ++c) {
-            xv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + c) * K + b * kBlock));
-            dx[c] = _mm256_set1_ps(xq.d[(m0 + c) * blocks + b]);
-        }
-        for (int r = 0; r < R; ++r) {
-            const int8_t* wp = q + r * K + b * kBlock;
-            _mm_prefetch(reinterpret_cast<const char*>(wp + 4096), _MM_HINT_T0);
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
-            const __m256i aw = _mm256_sign_epi8(w, w);
-            // int32 lane i of the products covers codes 4i..4i+3: lanes 0-3 the block's first 16, 4-7 the rest.
-            const __m256 sv = G == kBlock ? _mm256_set1_ps(scale_at(s, r * groups + b))
-                                          : _mm256_set_m128(_mm_set1_ps(scale_at(s, r * groups + 2 * b + 1)),
-                                                            _mm_set1_ps(scale_at(s, r * groups + 2 * b)));
-            for (int c = 0; c < C; ++c) {
-                const __m256i dot = dot_u8_s8(aw, _mm256_sign_epi8(xv[c], w));
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sv, dx[c]), acc[r][c]);
-            }
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) y[c * ldy + r] = finish(nbllm::hsum(acc[r][c]), xq, m0 + c, o, r, groups);
+inline I16 group_start(int32_t) { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline __m256i dot8(__m256i acc, __m256i u, __m256i s) {
+    const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
 }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-// The same sums with 512-bit vectors, two blocks of 32 at a time (K a multiple of 64): half the instructions, and
-// 32 registers hold a 4 x 4 tile. Whether a weight takes this path depends on its K, never on M, so rows stay
-// batch-invariant. Instead of the sign trick, weights are made unsigned (w + 128, one xor per weight vector,
-// shared by the tile's columns) and each dot product starts from -128 * sum(x): VNNI's accumulator input makes
-// the correction free, four instructions per weight vector and activation row instead of five.
-constexpr int kWideCols = 4;
-
-// 16 lanes of scales: lanes 4i..4i+3 cover codes 16i..16i+15, i.e. group i for G = 16, group i / 2 for G = 32.
-template <int G, typename S>
-inline __m512 wide_scales(const S* s) {
-    if (G == kBlock) return _mm512_insertf32x8(_mm512_set1_ps(scale_at(s, 0)), _mm256_set1_ps(scale_at(s, 1)), 1);
-    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m128 four = _mm_setr_ps(scale_at(s, 0), scale_at(s, 1), scale_at(s, 2), scale_at(s, 3));
-    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+inline I16 dot(I16 acc, I16 u, I16 s) { return {dot8(acc.lo, u.lo, s.lo), dot8(acc.hi, u.hi, s.hi)}; }
+inline F16 to_float(I16 a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline F16 fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F16 fset(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+inline F16 fload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline F16 fload(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
 }
-
-template <int R, int C, int G, typename S>
-inline void wide_tile(const Q8Rows& xq, int64_t m0, const int8_t* q, const S* s, const float* o, int64_t K,
-                      float* y, int64_t ldy) {
-    const int64_t blocks = K / kBlock, groups = K / G;
-    __m512 acc[R][C];
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b += 2) {
-        __m512i xv[C], start[C];
-        __m512 dx[C];
-        for (int c = 0; c < C; ++c) {
-            xv[c] = _mm512_loadu_si512(xq.q.data() + (m0 + c) * K + b * kBlock);
-            start[c] = _mm512_loadu_si512(xq.neg_sums.data() + (m0 + c) * (K / 4) + b * kBlock / 4);
-            const float* d = xq.d.data() + (m0 + c) * blocks + b;
-            dx[c] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
-        }
-        for (int r = 0; r < R; ++r) {
-            const int8_t* wp = q + r * K + b * kBlock;
-            _mm_prefetch(reinterpret_cast<const char*>(wp + 4096), _MM_HINT_T0);
-            const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wp), _mm512_set1_epi8(static_cast<char>(0x80)));
-            const __m512 sv = wide_scales<G>(s + r * groups + b * kBlock / G);
-            for (int c = 0; c < C; ++c) {
-                const __m512i dot = _mm512_dpbusd_epi32(start[c], wu, xv[c]);
-                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dx[c]), acc[r][c]);
-            }
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) y[c * ldy + r] = finish(_mm512_reduce_add_ps(acc[r][c]), xq, m0 + c, o, r, groups);
+inline F16 mul(F16 a, F16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline F16 fma(F16 a, F16 b, F16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline F16 fnma(F16 a, F16 b, F16 c) {
+    return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline void store(float* p, F16 a, int64_t n) {
+    alignas(32) float t[kLanes];
+    _mm256_store_ps(t, a.lo);
+    _mm256_store_ps(t + 8, a.hi);
+    std::copy(t, t + n, p);
 }
 #endif
 
-template <int R, int G, typename S>
-inline void row_tile(const Q8Rows& xq, int64_t M, const int8_t* q, const S* s, const float* o, int64_t K,
-                     float* y, int64_t ldy) {
+// Where a panel's parts lie: per group, codes (16 * G bytes), 16 scales, then 16 offsets if the weight has them.
+struct PanelLayout {
+    int64_t G, groups, scale_bytes;
+    bool offsets;
+    int64_t group_bytes() const { return kLanes * G + kLanes * (scale_bytes + (offsets ? 4 : 0)); }
+    int64_t panel_bytes() const { return groups * group_bytes(); }
+};
+
+constexpr int kPanels = 2;  // weight panels per tile (32 rows)
+constexpr int kCols = 4;    // activation rows per tile
+
+// P panels (`panel`, stride `stride` bytes; rows[p] valid rows each) times C activation rows from m0.
+template <int P, int C, int G, typename S, bool Offsets>
+inline void tile(const Activations& a, int64_t m0, const uint8_t* panel, int64_t stride, const PanelLayout& L,
+                 const int64_t* rows, float* y, int64_t ldy) {
+    constexpr int64_t kCodeBytes = kLanes * G;
+    const int64_t group_bytes = L.group_bytes();
+    F16 acc[P][C];
+    for (int p = 0; p < P; ++p)
+        for (int c = 0; c < C; ++c) acc[p][c] = fzero();
+    for (int64_t g = 0; g < L.groups; ++g) {
+        I16 part[P][C];
+        for (int c = 0; c < C; ++c) {
+            const I16 start = group_start(a.sum[(m0 + c) * a.groups + g]);
+            for (int p = 0; p < P; ++p) part[p][c] = start;
+        }
+        const int8_t* xg = a.q.data() + m0 * a.K + g * G;
+        for (int64_t step = 0; step < G / 4; ++step) {
+            I16 w[P];
+            for (int p = 0; p < P; ++p) {
+                const uint8_t* wp = panel + p * stride + g * group_bytes + step * 64;
+                _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
+                w[p] = load_codes(wp);
+            }
+            for (int c = 0; c < C; ++c) {
+                const I16 xs = broadcast4(xg + c * a.K + step * 4);
+                for (int p = 0; p < P; ++p) part[p][c] = dot(part[p][c], w[p], xs);
+            }
+        }
+        for (int p = 0; p < P; ++p) {
+            const uint8_t* tail = panel + p * stride + g * group_bytes + kCodeBytes;
+            const F16 scale = fload(reinterpret_cast<const S*>(tail));
+            const F16 offset = Offsets ? fload(reinterpret_cast<const float*>(tail + kLanes * sizeof(S))) : fzero();
+            for (int c = 0; c < C; ++c) {
+                const int64_t i = (m0 + c) * a.groups + g;
+                acc[p][c] = fma(to_float(part[p][c]), mul(scale, fset(a.d[i])), acc[p][c]);
+                if (Offsets) acc[p][c] = fnma(offset, fset(a.scaled_sum[i]), acc[p][c]);
+            }
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        for (int c = 0; c < C; ++c) store(y + c * ldy + p * kLanes, acc[p][c], rows[p]);
+}
+
+template <int P, int G, typename S, bool Offsets>
+inline void panel_rows(const Activations& a, int64_t M, const uint8_t* panel, const PanelLayout& L,
+                       const int64_t* rows, float* y, int64_t ldy) {
+    const int64_t stride = L.panel_bytes();
     int64_t m = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-    if (K % (2 * kBlock) == 0) {
-        for (; m + kWideCols <= M; m += kWideCols) wide_tile<R, kWideCols, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 3) wide_tile<R, 3, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 2) wide_tile<R, 2, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        if (M - m == 1) wide_tile<R, 1, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
-        return;
-    }
-#endif
-    for (; m + kCols <= M; m += kCols) tile<R, kCols, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
-    if (M - m == 1) tile<R, 1, G, S>(xq, m, q, s, o, K, y + m * ldy, ldy);
+    for (; m + kCols <= M; m += kCols) tile<P, kCols, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 3) tile<P, 3, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 2) tile<P, 2, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 1) tile<P, 1, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
 }
 
-template <int G, typename S>
-void gemm(const Q8Rows& xq, int64_t M, const int8_t* q, const S* s, const float* o, int64_t N, int64_t K,
-          float* y, int64_t ldy, int threads) {
-    const int64_t groups = K / G;
-    const int64_t tiles = (N + kRows - 1) / kRows;
-    nbllm::parallel_for(tiles, 4, threads, [&](int64_t begin, int64_t end) {
+template <int G, typename S, bool Offsets>
+void gemm(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N, float* y,
+          int64_t ldy, int threads) {
+    const int64_t panels = (N + kLanes - 1) / kLanes;
+    const int64_t tiles = (panels + kPanels - 1) / kPanels;
+    nbllm::parallel_for(tiles, 2, threads, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-            const int64_t n = t * kRows;
-            if (n + kRows <= N) {
-                row_tile<kRows, G, S>(xq, M, q + n * K, s + n * groups, o ? o + n * groups : nullptr, K, y + n, ldy);
-            } else {
-                for (int64_t r = n; r < N; ++r)
-                    row_tile<1, G, S>(xq, M, q + r * K, s + r * groups, o ? o + r * groups : nullptr, K, y + r, ldy);
-            }
+            const int64_t p0 = t * kPanels, n0 = p0 * kLanes;
+            const uint8_t* panel = packed + p0 * L.panel_bytes();
+            int64_t rows[kPanels];
+            for (int p = 0; p < kPanels; ++p) rows[p] = std::max<int64_t>(0, std::min(kLanes, N - n0 - p * kLanes));
+            if (p0 + kPanels <= panels)
+                panel_rows<kPanels, G, S, Offsets>(a, M, panel, L, rows, y + n0, ldy);
+            else
+                panel_rows<1, G, S, Offsets>(a, M, panel, L, rows, y + n0, ldy);
         }
     });
+}
+
+template <int G, typename S>
+void dispatch_offsets(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N,
+                      float* y, int64_t ldy, int threads) {
+    if (L.offsets)
+        gemm<G, S, true>(a, M, packed, L, N, y, ldy, threads);
+    else
+        gemm<G, S, false>(a, M, packed, L, N, y, ldy, threads);
+}
+
+PanelLayout layout(int64_t K, int64_t G, int scale_half, bool offsets) {
+    return PanelLayout{G, K / G, scale_half ? 2 : 4, offsets};
 }
 
 }  // namespace
 
 extern "C" {
 
-// As nbllm_int8_gemm, with x quantized first in blocks of act_block (32: Q8_0, 256: Q8_K). K must be a multiple
-// of act_block and G 16 or 32. scale_half: s holds fp16 bits instead of floats.
-void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const int8_t* q, const void* s, const float* o,
-                   int64_t N, int64_t K, int64_t G, float* y, int64_t ldy, int threads, int64_t act_block,
-                   int scale_half) {
-    const Q8Rows xq = quantize(x, M, ldx, K, G, act_block, o != nullptr);
-    const auto* s32 = static_cast<const float*>(s);
-    const auto* s16 = static_cast<const uint16_t*>(s);
-    if (G == kBlock && scale_half)
-        gemm<32>(xq, M, q, s16, o, N, K, y, ldy, threads);
-    else if (G == kBlock)
-        gemm<32>(xq, M, q, s32, o, N, K, y, ldy, threads);
+// Bytes of the panel form of an N x K weight with groups of G (16 or 32).
+int64_t nbllm_q8_packed_bytes(int64_t N, int64_t K, int64_t G, int scale_half, int has_offsets) {
+    return (N + kLanes - 1) / kLanes * layout(K, G, scale_half, has_offsets).panel_bytes();
+}
+
+// The panel form of codes q [N, K], scales s [N, K / G] (fp32, or fp16 bits if scale_half) and offsets o (fp32 or
+// null). Rows past N in the last panel are zero.
+void nbllm_q8_pack(const int8_t* q, const void* s, const float* o, int64_t N, int64_t K, int64_t G, int scale_half,
+                   uint8_t* out, int threads) {
+    const PanelLayout L = layout(K, G, scale_half, o != nullptr);
+    const int64_t panels = (N + kLanes - 1) / kLanes;
+    nbllm::parallel_for(panels, 16, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            uint8_t* dst = out + p * L.panel_bytes();
+            std::memset(dst, 0, L.panel_bytes());
+            for (int64_t r = 0; r < kLanes && p * kLanes + r < N; ++r) {
+                const int64_t n = p * kLanes + r;
+                for (int64_t g = 0; g < L.groups; ++g) {
+                    uint8_t* grp = dst + g * L.group_bytes();
+                    for (int64_t k = 0; k < G; ++k)
+                        grp[(k / 4) * 64 + r * 4 + k % 4] = static_cast<uint8_t>(q[n * K + g * G + k]) ^ 0x80u;
+                    uint8_t* tail = grp + kLanes * G;
+                    std::memcpy(tail + r * L.scale_bytes, static_cast<const uint8_t*>(s) + (n * L.groups + g) * L.scale_bytes,
+                                L.scale_bytes);
+                    if (o) std::memcpy(tail + kLanes * L.scale_bytes + r * 4, o + n * L.groups + g, 4);
+                }
+            }
+        }
+    });
+}
+
+// y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the packed weight, x rounded to int8 in blocks of
+// act_block (32: Q8_0, 256: Q8_K) first. K must be a multiple of act_block and G 16 or 32.
+void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const uint8_t* packed, int64_t N, int64_t K, int64_t G,
+                   int scale_half, int has_offsets, float* y, int64_t ldy, int threads, int64_t act_block) {
+    const PanelLayout L = layout(K, G, scale_half, has_offsets);
+    const Activations a(x, M, ldx, K, G, act_block, has_offsets, threads);
+    if (G == 32 && scale_half)
+        dispatch_offsets<32, uint16_t>(a, M, packed, L, N, y, ldy, threads);
+    else if (G == 32)
+        dispatch_offsets<32, float>(a, M, packed, L, N, y, ldy, threads);
     else if (scale_half)
-        gemm<16>(xq, M, q, s16, o, N, K, y, ldy, threads);
+        dispatch_offsets<16, uint16_t>(a, M, packed, L, N, y, ldy, threads);
     else
-        gemm<16>(xq, M, q, s32, o, N, K, y, ldy, threads);
+        dispatch_offsets<16, float>(a, M, packed, L, N, y, ldy, threads);
 }
 
 }  // extern "C"

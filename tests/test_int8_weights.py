@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,21 +137,18 @@ def test_fast_numerics_round_activations_like_llama_cpp(tiny_model, fmt: str, bl
     assert relative < 0.05, relative
 
 
-@pytest.mark.parametrize(("block", "group", "codes", "offset", "k"),
-                         [(32, 32, (-128, 128), False, 1024), (32, 32, (0, 16), True, 1024),
-                          (256, 16, (-32, 32), False, 1024), (256, 32, (0, 32), True, 1024),
-                          (256, 32, (-16, 16), False, 1024),
-                          # K not a multiple of 64: the AVX2 tiles even where AVX-512 VNNI serves the others
-                          (32, 32, (-128, 128), False, 96), (32, 16, (0, 16), True, 160)])
-@pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block, group, codes, offset, k,
-                                                                         rows) -> None:
+_Q8_CASES = [(32, 32, (-128, 128), False, 1024), (32, 32, (0, 16), True, 1024), (256, 16, (-32, 32), False, 1024),
+             (256, 32, (0, 32), True, 1024), (256, 32, (-16, 16), False, 1024), (32, 32, (-128, 128), False, 96),
+             (32, 16, (0, 16), True, 160)]
+
+
+def check_int8_activation_kernel(block: int, group: int, codes: tuple[int, int], offset: bool, k: int, rows: int,
+                                 n: int = 37) -> None:
     """The int8-activation kernel equals: x rounded by llama.cpp's quantize_row_q8_0 / q8_K, then an exact
     product with the dequantized weight (only fp32 summation order differs)."""
     from nbllm.models.llamacpp_numerics import round_q8_0, round_q8_K
 
     gen = torch.Generator().manual_seed(block + group + rows + k)
-    n = 37
     q = torch.randint(*codes, (n, k), dtype=torch.int8, generator=gen)
     s = torch.rand(n, k // group, generator=gen)
     o = torch.rand(n, k // group, generator=gen) if offset else None
@@ -163,6 +163,32 @@ def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block,
     exact16 = Int8Weight(q, s16.float(), o)
     assert torch.equal(int8_linear(x, q, s16, o, activation_block=block),
                        int8_linear(x, exact16.q, exact16.scale, o, activation_block=block))
+    alone = torch.cat([int8_linear(x[i : i + 1], q, s, o, activation_block=block) for i in range(rows)])
+    assert torch.equal(alone, got.float())  # a row's bits do not depend on the rows around it
+
+
+@pytest.mark.parametrize(("block", "group", "codes", "offset", "k"), _Q8_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 5, 9])
+def test_int8_activation_kernel_is_llama_cpp_rounding_then_exact_products(block, group, codes, offset, k,
+                                                                         rows) -> None:
+    check_int8_activation_kernel(block, group, codes, offset, k, rows)
+
+
+@pytest.mark.slow
+def test_int8_activation_kernel_avx2_build(tmp_path) -> None:
+    """The AVX2 code paths (no AVX-512; most laptops), built for `haswell` in a fresh process, pass the same check
+    (the 16-row panels' tail included: 37 and 50 rows)."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_int8_weights as t\n"
+              "from nbllm.kernels.cpu_library import unavailable_reason\n"
+              "assert unavailable_reason() is None, unavailable_reason()\n"
+              f"for case in {_Q8_CASES!r}:\n"
+              "    for rows in (1, 5):\n"
+              "        for n in (37, 50):\n"
+              "            t.check_int8_activation_kernel(*case, rows, n)\n"
+              "print('ok')\n")
+    env = os.environ | {"NBLLM_CPU_ARCH": "haswell", "NBLLM_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_int8_needs_cpu_float32(tiny_model) -> None:

@@ -9,8 +9,8 @@ Activations: a GGUF weight's layer rounds its input to int8 as llama.cpp's CPU b
 compute, so decode runs at memory speed, with llama.cpp's own rounding error. Without an `activation_block` the
 input is used exactly (only the fp32 summation order then differs from `Linear`).
 
-Integer products beat MKL's fp32 GEMM at every batch size (prefill included: 76 vs 58-71 GMAC/s at 512 rows on
-these cores, and no weight to dequantize). With exact activations, prefill-sized inputs (`DENSE_MIN_ROWS` rows or
+Integer products beat MKL's fp32 GEMM at every batch size (prefill included: 200-270 vs 58-71 GMAC/s at 512 rows
+on these cores, and no weight to dequantize). With exact activations, prefill-sized inputs (`DENSE_MIN_ROWS` rows or
 more) have enough rows per weight for MKL to win: those dequantize the weight a slice at a time (a few MB,
 cache-sized) and call it, so no dense copy is kept.
 """
