@@ -8,6 +8,7 @@ in a CUDA graph (as the engine runs decode) and replayed; its roofline is the pa
 device-to-device copy bandwidth (`gpu_throughput.copy_bandwidth`, read + write). The same step with dense bf16
 weights (`F.linear`) is the baseline. `--sweep` times GEMV launch shapes per matrix; the per-matrix table also
 has the Q5_0/Q8_0 kernels on the 4096x4096 and 14336x4096 shapes, and the GEMM path for a 512-token prefill.
+The GEMV variants are compiled first in parallel processes (Triton's disk cache), one per CPU core.
 
     python benchmarks/gpu_quant_gemv.py [--sweep]
 """
@@ -15,6 +16,9 @@ has the Q5_0/Q8_0 kernels on the 4096x4096 and 14336x4096 shapes, and the GEMM p
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,30 @@ def more_bits(layer: int, layers: int = LAYERS) -> bool:
 
 def q4_k_m_kind(name: str, layer: int) -> str:
     return "q6_k" if name in ("v", "down") and more_bits(layer) else "q4_k"
+
+
+#: GEMV launch shapes (BLOCK_N, CHUNK, num_warps) the sweep times, by K.
+SWEEP = {HIDDEN: [(4, 4096, 4), (8, 4096, 4), (8, 4096, 8), (16, 4096, 8), (8, 2048, 4), (16, 1024, 4), (32, 1024, 8)],
+         INTER: [(4, 2048, 4), (8, 2048, 4), (16, 2048, 8), (8, 1024, 4), (16, 1024, 4), (32, 1024, 8)]}
+
+
+def launch(shape: tuple[int, int, int]) -> dict[str, int]:
+    return dict(zip(("BLOCK_N", "CHUNK", "num_warps"), shape))
+
+
+def compile_gemv(job: tuple[str, int, int, dict | None]) -> None:
+    """Compile (and run once) the GEMV of one (kind, n, k, launch shape) into Triton's disk cache."""
+    kind, n, k, config = job
+    w = pack(random_blocks(kind, n, k, device="cuda"), kind, k)
+    quant_gemv(torch.zeros(1, k, device="cuda", dtype=torch.bfloat16), w, config=config)
+    torch.cuda.synchronize()
+
+
+def precompile(jobs: list[tuple[str, int, int, dict | None]]) -> None:
+    """Triton compiles one kernel variant at a time per process (seconds each): spread them over the cores."""
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) - 2))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(compile_gemv, jobs))
 
 
 def graph_seconds(step, repeats: int = 20) -> float:
@@ -75,6 +103,15 @@ def main() -> None:
     for layer in quant:
         for name, w in layer.items():
             groups.setdefault((w.kind, w.n, w.k, name), []).append(w)
+    shapes = {(kind, n, k) for kind, n, k, _ in groups}
+    shapes |= {(kind, *MATRICES[name]) for kind in ("q5_0", "q8_0") for name in ("q", "gate")}
+    jobs = [(kind, n, k, None) for kind, n, k in shapes]
+    if args.sweep:
+        jobs += [(kind, n, k, launch(s)) for kind, n, k in shapes if kind in ("q4_k", "q6_k") for s in SWEEP[k]]
+    try:
+        precompile(jobs)
+    except Exception as error:  # noqa: BLE001 - the timings below compile what is missing, one at a time
+        print(f"parallel compile failed ({error!r}); compiling in this process")
 
     print("\nper matrix, the layers' copies back to back in one graph (default launch shape):")
     print(f"{'matrix':>28} {'launch':>12} {'us each':>8} {'GB/s':>6} {'% roof':>6}")
@@ -121,22 +158,20 @@ def per_matrix(label: str, ws: list, x: torch.Tensor, bandwidth: float, config: 
     t = graph_seconds(lambda: [quant_gemv(x, w, config=config) for w in ws]) / len(ws)
     nbytes = ws[0].nbytes
     cfg = config or gemv_config(ws[0], x.device)
-    shape = f"N{cfg['BLOCK_N']} S{cfg['S']} w{cfg['num_warps']}"
+    shape = f"N{cfg['BLOCK_N']} C{cfg['CHUNK']} w{cfg['num_warps']}"
     print(f"{label:>28} {shape:>12} {t * 1e6:8.1f} {nbytes / t / 1e9:6,.0f} {nbytes / bandwidth / t:6.0%}")
     return nbytes / bandwidth / t
 
 
 def sweep(groups: dict, x_h: torch.Tensor, x_i: torch.Tensor, bandwidth: float) -> dict:
     """The best GEMV launch shape per (kind, n, k) of the model, each timed over the layers' copies."""
-    shapes = [(4, 4, 4), (8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (64, 1, 8)]
     best = {}
     print("\nGEMV launch shapes:")
     for (kind, n, k, name), ws in groups.items():
         if name == "up" or (kind, n, k) in best:
             continue
         x = x_i if name == "down" else x_h
-        results = [(per_matrix(f"{kind} {name} {n}x{k}", ws, x, bandwidth, {"BLOCK_N": bn, "S": s, "num_warps": nw}),
-                    {"BLOCK_N": bn, "S": s, "num_warps": nw}) for bn, s, nw in shapes]
+        results = [(per_matrix(f"{kind} {name} {n}x{k}", ws, x, bandwidth, launch(s)), launch(s)) for s in SWEEP[k]]
         frac, cfg = max(results, key=lambda r: r[0])
         best[(kind, n, k)] = cfg
         print(f"  best for {kind} {n}x{k}: {cfg}: {frac:.0%}")

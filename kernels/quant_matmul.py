@@ -13,7 +13,8 @@ count: nothing is decoded ahead of time. `nbllm.gguf.quants` documents the block
 Two paths:
 
 * GEMV (`quant_gemv`, few input rows: decode). Like llama.cpp's CUDA `mmvq`, each program quantizes its input
-  row to int8 in groups of 32 (`x ≈ dx * xq`, `dx = max|x| / 127`) and takes the dot products of 4 codes at a
+  to int8 in groups of 16 (`x ≈ dx * xq`, `dx = max|x| / 127`; llama.cpp uses 32, 16 is as cheap here since a
+  weight unit is 16 codes) and takes the dot products of 4 codes at a
   time with `dp4a` (one instruction for 4 multiply-adds) in int32; the group scales multiply the integer sums.
   Unpacking and converting every weight to float instead costs ~4 instructions a weight, which at HBM3 rates is
   more than the SMs can issue. The price is the input's 8-bit rounding: the error of one output is at most
@@ -137,31 +138,6 @@ def _dot4(a, b, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pack4(q, AXIS: tl.constexpr):
-    """int32 [..., 4] (AXIS: the last) of values in -128..255 -> int32 [...] holding them as little-endian bytes."""
-    shift = 8 * tl.arange(0, 4)
-    return tl.sum((q & 0xFF) << shift, axis=AXIS)
-
-
-@triton.jit
-def _int8_codes(x, amax, AXIS: tl.constexpr):
-    """x [..., W] (AXIS: the last) in groups of max |x| `amax` [...] -> (int32 codes round(x * 127 / amax),
-    their scale amax / 127); all-zero groups give zero codes."""
-    inv = 127.0 / tl.maximum(amax, 1e-30)
-    q = tl.floor(x * tl.expand_dims(inv, AXIS) + 0.5).to(tl.int32)
-    return q, amax / 127.0
-
-
-@triton.jit
-def _int8_words(x, R: tl.constexpr):
-    """x [..., 8, 4] of rank R (groups of 32 as 8 words of 4 bytes) -> (codes as int32 words [..., 8], their int32
-    values [..., 8, 4], scales [...]). x arrives in the weight words' shape so the packing stays in each thread."""
-    amax = tl.max(tl.max(tl.abs(x), axis=R - 1), axis=R - 2)
-    q, dx = _int8_codes(x, tl.expand_dims(amax, R - 2), R - 1)
-    return _pack4(q, R - 1), q, tl.reshape(dx, amax.shape)
-
-
-@triton.jit
 def _k_scale_min(base, j):
     """Q4_K's 6-bit scale and min of sub-block `j` (0..7) from the 12-byte field at `base` (as quants._k_scale_min)."""
     a = tl.load(base + j).to(tl.int32)
@@ -174,202 +150,177 @@ def _k_scale_min(base, j):
 
 
 @triton.jit
+def _k_scale_min_words(w0, w1, w2, j):
+    """`_k_scale_min` from the field's three int32 words: bytes j, j + 4 (and j % 4) are byte j % 4 of w0..w2."""
+    shift = 8 * (j % 4)
+    b0 = (w0 >> shift) & 0xFF
+    b1 = (w1 >> shift) & 0xFF
+    b2 = (w2 >> shift) & 0xFF
+    low = j < 4
+    sc = tl.where(low, b0 & 63, (b2 & 15) | ((b0 >> 6) << 4))
+    mn = tl.where(low, b1 & 63, (b2 >> 4) | ((b1 >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
 def _spread_bits(nib):
     """int32 of 4 bits b0..b3 -> bit i moved to bit 0 of byte i (copies at offsets 0, 7, 14, 21 never carry)."""
     return (nib * 0x00204081) & 0x01010101
 
 
-# --------------------------------------------------------------------------------------------------- GEMV kernels
+# --------------------------------------------------------------------------------------------------- GEMV kernel
+# One body for every type. A row's weights are walked in pairs of 16-weight units: pair v of a row has a "lo" and
+# a "hi" unit whose codes come from the same words (the low and high nibbles of Q4_K/Q5_0/Q6_K; Q8_0's two
+# halves of a block), so each weight byte is loaded once. Per type (`_pair_words`, `_pair_codes`, `_pair_offsets`,
+# `_pair_scales`): which words hold pair v, how they decode to 4 words of byte codes per unit, where each unit's 16
+# inputs sit in x, and each unit's scale `a` (code term) and `b` (Q4_K's minimum). A unit contributes
+# `a * dx * (sum_k q_k xq_k - Z * sum_k xq_k) - b * sum_k x_k` (Z: the type's code offset).
+#
 # Grid (M, cdiv(N, BLOCK_N)): the M programs of one row tile run side by side, so extra input rows read the
-# tile's weights from L2. Each program first rounds its whole input row to int8 (`_quantize_row`) into a scratch
-# row that every program of that input row writes with the same bytes, then reads it back in the weight tile's
-# shape: computed in the loop instead, the rounding moved values between threads through shared memory at every
-# step and cost more instructions than the weights. Each iteration covers S super-blocks (256 weights each);
-# their index is clamped for weight loads and masked for input loads (input 0 contributes nothing). The blocks a
-# row (NSB, NB) are compile-time constants: a model has two or three distinct K, and Triton's interpreter cannot
-# loop up to a run-time argument (numpy 2.4).
+# tile's weights from L2. Each program walks K in chunks of CHUNK weights (all of K at once where it fits): the
+# next chunk's code words are loaded before this chunk's math (by hand: Triton pipelines only loads that feed
+# `tl.dot`), and the chunk's inputs are rounded to int8 in registers (`_quantize_units`) while the weights are in
+# flight, one scale per 16 inputs. Pair indices past the row are clamped for weight loads and masked for input
+# loads (a zero input contributes nothing). K is a compile-time constant: a model has two or three distinct K,
+# and Triton's interpreter cannot loop up to a run-time argument (numpy 2.4).
 
 
 @triton.jit
-def _quantize_row(x_row, xi_row, xf_row, K: tl.constexpr):
-    """x_row [K] -> scratch: xi_row = int8 codes as K/4 words, then code sums per 16 [K/16]; xf_row = scales per 32
-    [K/32], then exact fp32 sums per 32 [K/32]. Ends with a barrier: the program reads it back next."""
-    G: tl.constexpr = 32
-    g = tl.arange(0, G)
-    t = tl.arange(0, 8)
+def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr):
+    """Raw words of pairs `v` [1, V, 1] of rows `r` [BN, 1, 1], loads masked by `ok` (pairs past the row): (a, b)."""
+    w = tl.arange(0, 4)[None, None, :]
+    if KIND == "q8_0":  # qs int32 [N, K/4]: lo = block v's words 0..3, hi = 4..7
+        a = tl.load(p0 + r * (K // 4) + 8 * v + w, mask=ok, other=0)
+        b = tl.load(p0 + r * (K // 4) + 8 * v + 4 + w, mask=ok, other=0)
+    elif KIND == "q5_0":  # qs int32 [N, K/8] (4 words a block), qh int32 [N, K/32]
+        a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
+        b = tl.load(p1 + r * (K // 32) + v, mask=ok, other=0)
+    elif KIND == "q4_k":  # qs int32 [N, K/8]: pair v = 4 words, lo nibbles sub-block 2c, hi nibbles 2c + 1
+        a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
+        b = tl.zeros([1, 1, 1], tl.int32)
+    else:  # q6_k: ql int32 [N, K/8] (4 words a pair), qh int32 [N, K/16]: v = 8 sb + 4 hh + 2 e + h
+        a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
+        b = tl.load(p1 + r * (K // 16) + 16 * (v // 8) + 8 * ((v // 4) % 2) + 4 * (v % 2) + w, mask=ok, other=0)
+    return a, b
+
+
+@triton.jit
+def _pair_codes(a, b, v, KIND: tl.constexpr):
+    """Raw words -> (lo, hi) [BN, V, 4]: each unit's 16 codes as 4 words of bytes (unsigned but for Q8_0)."""
+    if KIND == "q8_0":
+        return a, b
+    lo = a & 0x0F0F0F0F
+    hi = (a >> 4) & 0x0F0F0F0F
+    if KIND == "q5_0":  # qh bit i: weight i's 5th bit; lo = weights 0..15, hi = 16..31
+        s = 4 * tl.arange(0, 4)[None, None, :]
+        lo |= _spread_bits((b >> s) & 15) << 4
+        hi |= _spread_bits((b >> (16 + s)) & 15) << 4
+    elif KIND == "q6_k":  # qh bits 2c of group c: lo is group e, hi group e + 2
+        e2 = 2 * ((v // 2) % 2)
+        lo |= ((b >> e2) & 0x03030303) << 4
+        hi |= ((b >> (e2 + 4)) & 0x03030303) << 4
+    return lo, hi
+
+
+@triton.jit
+def _pair_offsets(v, KIND: tl.constexpr):
+    """Where the lo and hi units' 16 inputs start in the row, [V] each."""
+    if KIND == "q8_0" or KIND == "q5_0":
+        return 32 * v, 32 * v + 16
+    elif KIND == "q4_k":  # v = 8 sb + 2 c + h
+        lo = 256 * (v // 8) + 64 * ((v // 2) % 4) + 16 * (v % 2)
+        return lo, lo + 32
+    else:  # q6_k, v = 8 sb + 4 hh + 2 e + h
+        lo = 256 * (v // 8) + 128 * ((v // 4) % 2) + 32 * ((v // 2) % 2) + 16 * (v % 2)
+        return lo, lo + 64
+
+
+@triton.jit
+def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
+    """Per row `r` [BN, 1] and pair `v` [1, V]: the lo and hi units' code scales a and minimum scales b."""
+    if KIND == "q8_0":  # one f16 d a block
+        d = tl.load(p1 + r * (K // 32) + v).to(tl.float32)
+        return d, d, 0.0, 0.0
+    elif KIND == "q5_0":
+        d = tl.load(p2 + r * (K // 32) + v).to(tl.float32)
+        return d, d, 0.0, 0.0
+    elif KIND == "q4_k":  # p1: the 12-byte scale field as 3 int32 words a super-block, p2: (d, dmin) as one word
+        sb = v // 8
+        words = p1 + r * (K // 256 * 3) + 3 * sb
+        w0 = tl.load(words)
+        w1 = tl.load(words + 1)
+        w2 = tl.load(words + 2)
+        dm = tl.load(p2 + r * (K // 256) + sb)
+        d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        j = 2 * ((v // 2) % 4)
+        sc_lo, mn_lo = _k_scale_min_words(w0, w1, w2, j)
+        sc_hi, mn_hi = _k_scale_min_words(w0, w1, w2, j + 1)
+        return d * sc_lo, d * sc_hi, dmin * mn_lo, dmin * mn_hi
+    else:  # q6_k: int8 scale per 16 [N, K/16], f16 d [N, K/256]; lo scale 8 hh + 2 e + h, hi 4 further
+        sb = v // 8
+        s = p2 + r * (K // 16) + 16 * sb + 8 * ((v // 4) % 2) + 2 * ((v // 2) % 2) + (v % 2)
+        d = tl.load(p3 + r * (K // 256) + sb).to(tl.float32)
+        return d * tl.load(s).to(tl.float32), d * tl.load(s + 4).to(tl.float32), 0.0, 0.0
+
+
+@triton.jit
+def _quantize_units(x_row, start, K: tl.constexpr):
+    """The 16 inputs at each `start` [V] -> (int8 codes round(x / dx) as 4 words [V, 4], dx = max|x| / 127 [V],
+    code sums [V], exact fp32 sums [V]); inputs at or past K read as 0 (all-zero units give zero codes)."""
     i = tl.arange(0, 4)
-    for g0 in tl.static_range(0, K // 32, G):  # unrolled: the chunks' loads go out together
-        grp = g0 + g
-        ok = grp < K // 32
-        x = tl.load(x_row + (grp * 32)[:, None, None] + (4 * t)[None, :, None] + i[None, None, :],
-                    mask=ok[:, None, None], other=0.0).to(tl.float32)
-        words, q, dx = _int8_words(x, 3)
-        tl.store(xi_row + (grp * 8)[:, None] + t[None, :], words, mask=ok[:, None])
-        sums16 = tl.sum(tl.reshape(tl.sum(q, axis=2), (G, 2, 4)), axis=2)
-        tl.store(xi_row + K // 4 + (grp * 2)[:, None] + tl.arange(0, 2)[None, :], sums16, mask=ok[:, None])
-        tl.store(xf_row + grp, dx, mask=ok)
-        tl.store(xf_row + K // 32 + grp, tl.sum(tl.sum(x, axis=2), axis=1), mask=ok)
-    tl.debug_barrier()
+    k = start[:, None, None] + 4 * tl.arange(0, 4)[None, :, None] + i[None, None, :]
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+    q = tl.floor(x * (127.0 / tl.maximum(amax, 1e-30))[:, None, None] + 0.5).to(tl.int32)
+    words = tl.sum((q & 0xFF) << (8 * i)[None, None, :], axis=2)
+    return words, amax / 127.0, tl.sum(tl.sum(q, axis=2), axis=1), tl.sum(tl.sum(x, axis=2), axis=1)
 
 
 @triton.jit
-def _rows(N, BLOCK_N: tl.constexpr):
-    """This program's output rows, their store mask, and the rows to read (clamped: loads need no mask)."""
+def _unit_sums(codes, a, b, xw, dx, xq_sum, x_sum, Z: tl.constexpr, SIGNED: tl.constexpr, HAS_MIN: tl.constexpr,
+               ASM: tl.constexpr):
+    """[BN, V]: a * dx * (codes . xq - Z * sum xq) - b * sum x for one unit of each pair."""
+    dots = tl.sum(_dot4(codes, xw[None], SIGNED, ASM), axis=2)
+    if Z != 0:
+        dots -= Z * xq_sum[None]
+    out = a * dx[None] * dots.to(tl.float32)
+    if HAS_MIN:
+        out -= b * x_sum[None]
+    return out
+
+
+@triton.jit
+def _gemv(x_ptr, p0, p1, p2, p3, y_ptr, N, stride_x, stride_y, K: tl.constexpr, KIND: tl.constexpr,
+          BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr):
+    V: tl.constexpr = CHUNK // 32  # pairs a chunk
+    NV: tl.constexpr = K // 32  # pairs a row
+    Z: tl.constexpr = 16 if KIND == "q5_0" else (32 if KIND == "q6_k" else 0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
-
-
-@triton.jit
-def _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, K: tl.constexpr):
-    """This program's input row's scratch, filled (after the first weight tile's loads are issued)."""
-    m = tl.program_id(0).to(tl.int64)
-    xi_row = xi_ptr + m * stride_xi
-    xf_row = xf_ptr + m * stride_xf
-    _quantize_row(x_ptr + m * stride_x, xi_row, xf_row, K)
-    return xi_row, xf_row
-
-
-@triton.jit
-def _gemv_q4_k(x_ptr, xi_ptr, xf_ptr, qs_ptr, sc_ptr, dm_ptr, y_ptr, N, NSB: tl.constexpr, stride_x, stride_xi,
-               stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    # 64-weight chunk c of a super-block: qs words 8c..8c+7, low nibbles sub-block 2c, high nibbles 2c + 1.
-    # The next iteration's code words are loaded before this one's math (by hand: Triton pipelines only dots).
-    rows, ok, r = _rows(N, BLOCK_N)
-    c = tl.arange(0, 4)
-    t = tl.arange(0, 8)
-    ss = tl.arange(0, S)
-    w_ptr = qs_ptr + r[:, None, None, None] * (NSB * 32) + (8 * c)[None, None, :, None] + t[None, None, None, :]
-    w = tl.load(w_ptr + (tl.minimum(ss, NSB - 1) * 32)[None, :, None, None])  # [BN, S, 4, 8]
-    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NSB * 256)
+    r = tl.minimum(rows, N - 1).to(tl.int64)[:, None]
+    x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
+    vv = tl.arange(0, V)
+    a, b = _pair_words(p0, p1, r[:, :, None], vv[None, :, None], (vv < NV)[None, :, None], K, KIND)
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for sb0 in range(0, NSB, S):
-        sb = sb0 + ss
-        sbc = tl.minimum(sb, NSB - 1)
-        w_next = tl.load(w_ptr + (tl.minimum(sb + S, NSB - 1) * 32)[None, :, None, None])
-        x_ok = (sb < NSB)[:, None]
-        xword = (sb * 64)[:, None, None] + (16 * c)[None, :, None] + t[None, None, :]  # [S, 4, 8]
-        xe = tl.load(xi + xword, mask=x_ok[:, :, None], other=0)
-        xo = tl.load(xi + xword + 8, mask=x_ok[:, :, None], other=0)
-        grp = (sb * 8)[:, None] + (2 * c)[None, :]  # [S, 4]: the even sub-blocks' input groups
-        dxe = tl.load(xf + grp, mask=x_ok, other=0.0)
-        dxo = tl.load(xf + grp + 1, mask=x_ok, other=0.0)
-        sxe = tl.load(xf + NSB * 8 + grp, mask=x_ok, other=0.0)
-        sxo = tl.load(xf + NSB * 8 + grp + 1, mask=x_ok, other=0.0)
-        de = tl.sum(_dot4(w & 0x0F0F0F0F, xe[None], False, ASM), axis=3).to(tl.float32)
-        do = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, xo[None], False, ASM), axis=3).to(tl.float32)
-        sc_base = sc_ptr + r[:, None, None] * (NSB * 12) + (sbc * 12)[None, :, None]
-        sce, mne = _k_scale_min(sc_base, (2 * c)[None, None, :])
-        sco, mno = _k_scale_min(sc_base, (2 * c + 1)[None, None, :])
-        dm = dm_ptr + r[:, None] * (NSB * 2) + (sbc * 2)[None, :]
-        d = tl.load(dm).to(tl.float32)
-        dmin = tl.load(dm + 1).to(tl.float32)
-        codes = tl.sum(sce * dxe[None] * de + sco * dxo[None] * do, axis=2)
-        mins = tl.sum(mne * sxe[None] + mno * sxo[None], axis=2)
-        acc += tl.sum(d * codes - dmin * mins, axis=1)
-        w = w_next
-    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _gemv_q6_k(x_ptr, xi_ptr, xf_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr, y_ptr, N, NSB: tl.constexpr, stride_x,
-               stride_xi, stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    # Weight 128h + 32c + 4t + i (h: half, c: 0..3, t: word, i: byte) has its low 4 bits in ql word
-    # 16h + 8(c % 2) + t, nibble c // 2, and its high 2 bits in qh word 8h + t, bits 2c; scale (w // 16).
-    # Tiles are [BN, F, 4]: f = (super-block, h, t // 4) flattened, then t % 4, so a 16-weight scale group
-    # is one f. Next iteration's code words are loaded before this one's math, as in _gemv_q4_k.
-    rows, ok, r = _rows(N, BLOCK_N)
-    f = tl.arange(0, S * 4)
-    tt = tl.arange(0, 4)
-    s_f = f // 4
-    h_f = (f // 2) % 2
-    half = f % 2
-    ql_ptrs = ql_ptr + r[:, None, None] * (NSB * 32) + (16 * h_f + 4 * half)[None, :, None] + tt[None, None, :]
-    qh_ptrs = qh_ptr + r[:, None, None] * (NSB * 16) + (8 * h_f + 4 * half)[None, :, None] + tt[None, None, :]
-    sb_f = tl.minimum(s_f, NSB - 1)
-    ql_a = tl.load(ql_ptrs + (sb_f * 32)[None, :, None])  # c even
-    ql_b = tl.load(ql_ptrs + (sb_f * 32 + 8)[None, :, None])  # c odd
-    qh = tl.load(qh_ptrs + (sb_f * 16)[None, :, None])
-    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NSB * 256)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for sb0 in range(0, NSB, S):
-        f_ok = sb0 + s_f < NSB
-        sb_f = tl.minimum(sb0 + s_f, NSB - 1)
-        nx = tl.minimum(sb0 + S + s_f, NSB - 1)
-        ql_a_next = tl.load(ql_ptrs + (nx * 32)[None, :, None])
-        ql_b_next = tl.load(ql_ptrs + (nx * 32 + 8)[None, :, None])
-        qh_next = tl.load(qh_ptrs + (nx * 16)[None, :, None])
-        d = tl.load(d_ptr + r[:, None] * NSB + sb_f[None, :]).to(tl.float32)  # [BN, F]
-        for c in tl.static_range(4):
-            xw = tl.load(xi + (sb_f * 64 + 32 * h_f + 8 * c + 4 * half)[:, None] + tt[None, :],
-                         mask=f_ok[:, None], other=0)  # [F, 4]
-            dx = tl.load(xf + sb_f * 8 + 4 * h_f + c, mask=f_ok, other=0.0)
-            g16 = sb_f * 16 + 8 * h_f + 2 * c + half
-            xsum = tl.load(xi + NSB * 64 + g16, mask=f_ok, other=0)
-            if c % 2 == 0:
-                lo = ql_a
-            else:
-                lo = ql_b
-            lo = (lo >> (4 * (c // 2))) & 0x0F0F0F0F
-            codes = lo | (((qh >> (2 * c)) & 0x03030303) << 4)
-            dots = tl.sum(_dot4(codes, xw[None], False, ASM), axis=2)  # [BN, F]
-            sc = tl.load(sc_ptr + r[:, None] * (NSB * 16) + g16[None, :]).to(tl.float32)
-            acc += tl.sum(d * sc * dx[None] * (dots - 32 * xsum[None]).to(tl.float32), axis=1)
-        ql_a = ql_a_next
-        ql_b = ql_b_next
-        qh = qh_next
-    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _gemv_q5_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, qh_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_xi,
-               stride_xf, stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    # Block of 32: qs word t holds weights 4t..4t+3 (low nibbles) and 16+4t.. (high); qh bit i is weight i's 5th.
-    G: tl.constexpr = 8 * S
-    rows, ok, r = _rows(N, BLOCK_N)
-    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NB * 32)
-    t = tl.arange(0, 4)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for b0 in range(0, NB, G):
-        blk = b0 + tl.arange(0, G)
-        bc = tl.minimum(blk, NB - 1)
-        x_ok = blk < NB
-        xl = tl.load(xi + (blk * 8)[:, None] + t[None, :], mask=x_ok[:, None], other=0)  # [G, 4]
-        xh = tl.load(xi + (blk * 8 + 4)[:, None] + t[None, :], mask=x_ok[:, None], other=0)
-        xsum = (tl.load(xi + NB * 8 + 2 * blk, mask=x_ok, other=0)
-                + tl.load(xi + NB * 8 + 2 * blk + 1, mask=x_ok, other=0))
-        dx = tl.load(xf + blk, mask=x_ok, other=0.0)
-        w = tl.load(qs_ptr + r[:, None, None] * (NB * 4) + (bc * 4)[None, :, None] + t[None, None, :])  # [BN, G, 4]
-        hb = tl.load(qh_ptr + r[:, None] * NB + bc[None, :])[:, :, None]
-        lo = (w & 0x0F0F0F0F) | (_spread_bits((hb >> (4 * t)) & 15) << 4)
-        hi = ((w >> 4) & 0x0F0F0F0F) | (_spread_bits((hb >> (16 + 4 * t)) & 15) << 4)
-        dots = tl.sum(_dot4(lo, xl[None], False, ASM) + _dot4(hi, xh[None], False, ASM), axis=2)
-        d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
-        acc += tl.sum(d * dx[None] * (dots - 16 * xsum[None]).to(tl.float32), axis=1)
-    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _gemv_q8_0(x_ptr, xi_ptr, xf_ptr, qs_ptr, d_ptr, y_ptr, N, NB: tl.constexpr, stride_x, stride_xi, stride_xf,
-               stride_y, BLOCK_N: tl.constexpr, S: tl.constexpr, ASM: tl.constexpr):
-    G: tl.constexpr = 8 * S
-    rows, ok, r = _rows(N, BLOCK_N)
-    xi, xf = _scratch(x_ptr, xi_ptr, xf_ptr, stride_x, stride_xi, stride_xf, NB * 32)
-    t = tl.arange(0, 8)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for b0 in range(0, NB, G):
-        blk = b0 + tl.arange(0, G)
-        bc = tl.minimum(blk, NB - 1)
-        x_ok = blk < NB
-        xw = tl.load(xi + (blk * 8)[:, None] + t[None, :], mask=x_ok[:, None], other=0)  # [G, 8]
-        dx = tl.load(xf + blk, mask=x_ok, other=0.0)
-        w = tl.load(qs_ptr + r[:, None, None] * (NB * 8) + (bc * 8)[None, :, None] + t[None, None, :])  # [BN, G, 8]
-        dots = tl.sum(_dot4(w, xw[None], True, ASM), axis=2)
-        d = tl.load(d_ptr + r[:, None] * NB + bc[None, :]).to(tl.float32)
-        acc += tl.sum(d * dx[None] * dots.to(tl.float32), axis=1)
-    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-_GEMV = {"q4_k": _gemv_q4_k, "q5_0": _gemv_q5_0, "q6_k": _gemv_q6_k, "q8_0": _gemv_q8_0}
+    for v0 in range(0, NV, V):
+        v = v0 + vv
+        vc = tl.minimum(v, NV - 1)
+        if NV > V:  # the next chunk's words go out before this chunk's math
+            nxt = v + V
+            a_next, b_next = _pair_words(p0, p1, r[:, :, None], nxt[None, :, None], (nxt < NV)[None, :, None], K,
+                                         KIND)
+        start_lo, start_hi = _pair_offsets(v, KIND)
+        xw_lo, dx_lo, qs_lo, xs_lo = _quantize_units(x_row, start_lo, K)
+        xw_hi, dx_hi, qs_hi, xs_hi = _quantize_units(x_row, start_hi, K)
+        a_lo, a_hi, b_lo, b_hi = _pair_scales(p1, p2, p3, r, vc[None, :], K, KIND)
+        lo, hi = _pair_codes(a, b, vc[None, :, None], KIND)
+        part = _unit_sums(lo, a_lo, b_lo, xw_lo, dx_lo, qs_lo, xs_lo, Z, KIND == "q8_0", KIND == "q4_k", ASM)
+        part += _unit_sums(hi, a_hi, b_hi, xw_hi, dx_hi, qs_hi, xs_hi, Z, KIND == "q8_0", KIND == "q4_k", ASM)
+        acc += tl.sum(part, axis=1)
+        if NV > V:
+            a = a_next
+            b = b_next
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 # --------------------------------------------------------------------------------------------------- GEMM kernel
@@ -438,12 +389,13 @@ def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
-    """Launch shape: S * 256 weights a row per iteration over BLOCK_N rows, the best of a sweep on an H200 over
-    Llama-3-8B's matrices (`benchmarks/gpu_quant_gemv.py --sweep`). The CPU interpreter runs one program at a
-    time: one wide tile a row."""
+    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration (all of K up to 4096). The
+    CPU interpreter runs one program at a time: one wide tile a row."""
     if device.type != "cuda":
-        return {"BLOCK_N": 64, "S": 2, "num_warps": 4}
-    return {"BLOCK_N": 32 if w.n >= 8192 else 16, "S": 2 if w.n >= 8192 else 4, "num_warps": 4}
+        return {"BLOCK_N": 64, "CHUNK": 256, "num_warps": 4}
+    chunk = 4096 if w.k <= 4096 else 2048
+    return {"BLOCK_N": 8 if w.n >= 8192 or w.k > 4096 else 4, "CHUNK": min(chunk, triton.next_power_of_2(w.k)),
+            "num_warps": 4}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:
@@ -452,13 +404,12 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | Non
     y = torch.empty((rows.shape[0], w.n), dtype=x.dtype, device=x.device)
     if rows.shape[0] and w.n:
         cfg = config or gemv_config(w, x.device)
-        qk = BLOCK_BYTES[w.kind][0]
+        planes = list(w.planes) + [w.planes[0]] * (4 - len(w.planes))
+        if w.kind == "q4_k":  # scale fields and (d, dmin) read as whole words
+            planes[1], planes[2] = planes[1].view(torch.int32), planes[2].view(torch.int32)
         grid = (rows.shape[0], triton.cdiv(w.n, cfg["BLOCK_N"]))
-        xi = torch.empty((rows.shape[0], w.k // 4 + w.k // 16), dtype=torch.int32, device=x.device)
-        xf = torch.empty((rows.shape[0], w.k // 16), dtype=torch.float32, device=x.device)
-        _GEMV[w.kind][grid](rows, xi, xf, *w.planes, y, w.n, w.k // qk, rows.stride(0), xi.stride(0), xf.stride(0),
-                            y.stride(0), BLOCK_N=cfg["BLOCK_N"], S=cfg["S"], ASM=not _INTERPRET,
-                            num_warps=cfg["num_warps"])
+        _gemv[grid](rows, *planes, y, w.n, rows.stride(0), y.stride(0), K=w.k, KIND=w.kind,
+                    BLOCK_N=cfg["BLOCK_N"], CHUNK=cfg["CHUNK"], ASM=not _INTERPRET, num_warps=cfg["num_warps"])
     return y.view(*x.shape[:-1], w.n)
 
 
