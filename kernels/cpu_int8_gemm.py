@@ -71,6 +71,7 @@ class Int8Gemm:
             self._tensors = (q, s, o)  # kept alive: the kernel reads them through raw pointers
             kernel, weight = _int8_gemm(), (q.data_ptr(), s.data_ptr(), _ptr(o), self.n, self.k, group)
             self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads())
+            self.panels = None
         else:
             half = int(s.dtype == torch.float16)
             packed = _pack_panels(q, s, o, group, half)
@@ -79,6 +80,8 @@ class Int8Gemm:
             weight = (packed.data_ptr(), self.n, self.k, group, half, int(o is not None))
             self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads(),
                                                   activation_block)
+            #: The packed weight as kernels that chain this one take it (`cpu_decoder.py`'s NbllmQ8Linear).
+            self.panels: tuple[int, ...] | None = (*weight, activation_block)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.k)

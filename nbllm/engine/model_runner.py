@@ -25,6 +25,8 @@ import torch
 from nbllm.engine.overlap import resolve_placeholders
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
+from nbllm.kernels import cpu_paged_attention
+from nbllm.kernels.cpu_decoder import DecoderStep
 from nbllm.kernels.cpu_library import kernels_own_the_threads
 from nbllm.kernels.paged_attention import (
     PagedAttentionPlan,
@@ -97,6 +99,18 @@ class PagedAttention:
                 k_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
                 context_lens=self.context_lens, sliding_window=sliding_window)
         return run_paged_attention(q, k_cache, v_cache, plan, scale=scale)
+
+    def native_step(self) -> DecoderStep | None:
+        """This step as the one-call CPU decoder takes it (`nbllm.models.native_cpu`), or None where the pools are
+        not the C++ attention's (fp32 on this CPU)."""
+        if not all(cpu_paged_attention.supports(k) for k in self.pool.k):
+            return None
+        cu = self.cu_query_lens.to(torch.int32).contiguous()
+        return DecoderStep(slots=self.slot_mapping.to(torch.int64).contiguous(),
+                           block_tables=self.block_tables.to(torch.int32).contiguous(), cu_query_lens=cu,
+                           context_lens=self.context_lens.to(torch.int32).contiguous(),
+                           seqs=((cu[1:] - cu[:-1]) > 0).nonzero().squeeze(1), k_caches=self.pool.k,
+                           v_caches=self.pool.v)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from nbllm.models.quantized_linear import Int8Linear
 from nbllm.models.weights import WeightSource
 
 if TYPE_CHECKING:
+    from nbllm.models.native_cpu import NativeDecoder
     from nbllm.models.placement import LayerPlacement
 
 
@@ -68,6 +69,10 @@ class CausalLM(nn.Module):
         c = self.config = config
         #: Set when the parts run on different devices (`nbllm.models.placement`); None: all on `device`.
         self.placement: LayerPlacement | None = None
+        #: Whether a paged CPU step may run all layers in one C++ call where they qualify (bit-identical; False
+        #: runs the modules, e.g. to compare or to step through them).
+        self.use_native_cpu = True
+        self._native_decoder: NativeDecoder | None | bool = False  # False: not looked for yet
         # The token table, built as a linear layer over it: a tied head *is* that layer, one copy of the biggest
         # tensor. Dense, it is kept as the tensor; int8 (CPU), as the `Int8Linear`, whose `rows` embed tokens.
         table = weights.linear("token_embd", c.vocab_size, c.hidden_size, bias=False)
@@ -108,6 +113,10 @@ class CausalLM(nn.Module):
         h = self.embed(input_ids)
         if self.embed_scale != 1.0:
             h = h * self.embed_scale
+        native_step = getattr(attn, "native_step", None)  # a paged CPU backend's: all layers in one C++ call
+        if native_step is not None and self.use_native_cpu and (decoder := self._native()) is not None and (
+                step := native_step()) is not None:
+            return self.norm(decoder(h.contiguous(), positions, step))
         crossings = self.placement.crossings if self.placement is not None else {}
         for i, layer in enumerate(self.layers):
             if i in crossings:  # the hidden state moves to the next part's device
@@ -116,6 +125,15 @@ class CausalLM(nn.Module):
         if (head := crossings.get(len(self.layers))) is not None:
             h = h.to(head.device, head.dtype)
         return self.norm(h)
+
+    def _native(self) -> NativeDecoder | None:
+        """The one-call CPU program for these layers (`nbllm.models.native_cpu`), built on first use: after the
+        model runner has joined the q/k/v and gate/up projections."""
+        if self._native_decoder is False:
+            from nbllm.models.native_cpu import native_decoder
+
+            self._native_decoder = native_decoder(self)
+        return self._native_decoder
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token table rows `[T, H]`, unscaled (tensor parallelism overrides this with a vocab-parallel lookup)."""

@@ -34,6 +34,8 @@ _LLAMA_CPP_27B_LAYERS = 62
 class Gemma3DecoderLayer(nn.Module):
     """`h += post_norm(attn(pre_norm(h))); h += post_norm(mlp(pre_norm(h)))`."""
 
+    native_cpu = True  # exactly the layer `nbllm.models.native_cpu` runs in C++ (with its post norms)
+
     def __init__(self, config: ModelConfig, weights: WeightSource, layer: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         p = f"blk.{layer}"

@@ -19,6 +19,8 @@ from nbllm.models.weights import WeightSource
 class LlamaDecoderLayer(nn.Module):
     """`h += attn(norm(h)); h += mlp(norm(h))`."""
 
+    native_cpu = True  # exactly the layer `nbllm.models.native_cpu` runs in C++ (without post norms)
+
     def __init__(self, config: ModelConfig, weights: WeightSource, layer: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.attn_norm = build_norm(config, weights, f"blk.{layer}.attn_norm.weight")

@@ -89,10 +89,14 @@ class Int8Linear(nn.Module):
                 DENSE_MIN_ROWS if self.q.numel() <= _SLICE_WEIGHTS else DENSE_MIN_ROWS_SLICED):
             y = self._dense_forward(x)
         else:
-            if self._gemm is None:
-                self._gemm = Int8Gemm(self.q, self._kernel_scale(), self.offset, self.activation_block)
-            y = self._gemm(x)
+            y = self.kernel()(x)
         return y if self.bias is None else y + self.bias
+
+    def kernel(self) -> Int8Gemm:
+        """The int8 kernel bound to this layer's buffers (built on first use)."""
+        if self._gemm is None:
+            self._gemm = Int8Gemm(self.q, self._kernel_scale(), self.offset, self.activation_block)
+        return self._gemm
 
     def _kernel_scale(self) -> torch.Tensor:
         """The scales the kernel reads: fp16 where the integer kernel runs and they are exact in it (Q8_0/Q5_0/Q4_0
