@@ -13,9 +13,8 @@ count: nothing is decoded ahead of time. `nbllm.gguf.quants` documents the block
 Two paths:
 
 * GEMV (`quant_gemv`, few input rows: decode). Like llama.cpp's CUDA `mmvq`, each program quantizes its input
-  to int8 in groups of 16 (`x ≈ dx * xq`, `dx = max|x| / 127`; llama.cpp uses 32, 16 is as cheap here since a
-  weight unit is 16 codes) and takes the dot products of 4 codes at a
-  time with `dp4a` (one instruction for 4 multiply-adds) in int32; the group scales multiply the integer sums.
+  to int8 in groups of 32 or 16 (`INPUT_GROUP`: one per weight scale; `x ≈ dx * xq`, `dx = max|x| / 127`) and
+  takes the dot products of 4 codes at a time with `dp4a` (one instruction for 4 multiply-adds) in int32; the group scales multiply the integer sums.
   Unpacking and converting every weight to float instead costs ~4 instructions a weight, which at HBM3 rates is
   more than the SMs can issue. The price is the input's 8-bit rounding: the error of one output is at most
   `sum_k |s_g q_k| * dx_g / 2` (code term `s_g q_k` of each weight, `dx_g` of its input group), the bound the
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_BYTES", "GEMV_MAX_ROWS", "PackedWeight", "pack", "quant_gemm", "quant_gemv", "quant_matmul",
+__all__ = ["BLOCK_BYTES", "GEMV_MAX_ROWS", "INPUT_GROUP", "PackedWeight", "pack", "quant_gemm", "quant_gemv", "quant_matmul",
            "random_blocks"]
 
 #: Weights and bytes of one block of each supported type (GGML_QUANT_SIZES).
@@ -169,34 +168,41 @@ def _spread_bits(nib):
 
 
 # --------------------------------------------------------------------------------------------------- GEMV kernel
-# One body for every type. A row's weights are walked in pairs of 16-weight units: pair v of a row has a "lo" and
-# a "hi" unit whose codes come from the same words (the low and high nibbles of Q4_K/Q5_0/Q6_K; Q8_0's two
-# halves of a block), so each weight byte is loaded once. Per type (`_pair_words`, `_pair_codes`, `_pair_offsets`,
-# `_pair_scales`): which words hold pair v, how they decode to 4 words of byte codes per unit, where each unit's 16
-# inputs sit in x, and each unit's scale `a` (code term) and `b` (Q4_K's minimum). A unit contributes
-# `a * dx * (sum_k q_k xq_k - Z * sum_k xq_k) - b * sum_k x_k` (Z: the type's code offset).
+# One body for every type. A row's weights are walked in pairs of units: pair v has a "lo" and a "hi" unit whose
+# codes come from the same words (the low and high nibbles of Q4_K/Q5_0/Q6_K; two blocks of Q8_0), so each
+# weight byte is loaded once. A unit is W words of 4 byte codes with one scale: 32 weights for Q4_K (a
+# sub-block) and Q8_0 (a block), 16 for Q5_0 (half a block: its nibbles split it so) and Q6_K (a scale's 16).
+# Per type (`_pair_words`, `_pair_codes`, `_pair_offsets`, `_pair_scales`): which words hold pair v, how they
+# decode to W words of byte codes per unit, where each unit's inputs sit in x, and each unit's scale `a` (code
+# term) and `b` (Q4_K's minimum). A unit contributes `a * dx * (sum_k q_k xq_k - Z * sum_k xq_k) - b * sum_k x_k`
+# (Z: the type's code offset; xq: the unit's inputs rounded to int8 with step dx).
 #
 # Grid (M, cdiv(N, BLOCK_N)): the M programs of one row tile run side by side, so extra input rows read the
 # tile's weights from L2. Each program walks K in chunks of CHUNK weights (all of K at once where it fits): the
 # next chunk's code words are loaded before this chunk's math (by hand: Triton pipelines only loads that feed
 # `tl.dot`), and the chunk's inputs are rounded to int8 in registers (`_quantize_units`) while the weights are in
-# flight, one scale per 16 inputs. Pair indices past the row are clamped for weight loads and masked for input
-# loads (a zero input contributes nothing). K is a compile-time constant: a model has two or three distinct K,
-# and Triton's interpreter cannot loop up to a run-time argument (numpy 2.4).
+# flight. Tiles are [pairs, rows, words]: Triton then spreads the pairs over the threads and keeps a thread's
+# rows in its registers, so each thread rounds the inputs of its own pairs and reuses them for every row (no
+# exchange through shared memory). Pairs past the row are masked (a zero input contributes nothing; their scale
+# loads are clamped). K is a compile-time constant: a model has two or three distinct K, and Triton's
+# interpreter cannot loop up to a run-time argument (numpy 2.4).
+
+#: Inputs per int8 rounding group on the GEMV path, by type: one group per weight unit.
+INPUT_GROUP: dict[str, int] = {"q4_k": 32, "q8_0": 32, "q5_0": 16, "q6_k": 16}
 
 
 @triton.jit
-def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr):
-    """Raw words of pairs `v` [1, V, 1] of rows `r` [BN, 1, 1], loads masked by `ok` (pairs past the row): (a, b)."""
-    w = tl.arange(0, 4)[None, None, :]
-    if KIND == "q8_0":  # qs int32 [N, K/4]: lo = block v's words 0..3, hi = 4..7
-        a = tl.load(p0 + r * (K // 4) + 8 * v + w, mask=ok, other=0)
-        b = tl.load(p0 + r * (K // 4) + 8 * v + 4 + w, mask=ok, other=0)
+def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr, W: tl.constexpr):
+    """Raw words of pairs `v` [V, 1, 1] of rows `r` [1, BN, 1], loads masked by `ok` (pairs past the row): (a, b)."""
+    w = tl.arange(0, W)[None, None, :]
+    if KIND == "q8_0":  # qs int32 [N, K/4]: lo = block 2v, hi = block 2v + 1 (absent past an odd block count)
+        a = tl.load(p0 + r * (K // 4) + 16 * v + w, mask=ok, other=0)
+        b = tl.load(p0 + r * (K // 4) + 16 * v + 8 + w, mask=ok & (64 * v + 32 < K), other=0)
     elif KIND == "q5_0":  # qs int32 [N, K/8] (4 words a block), qh int32 [N, K/32]
         a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
         b = tl.load(p1 + r * (K // 32) + v, mask=ok, other=0)
-    elif KIND == "q4_k":  # qs int32 [N, K/8]: pair v = 4 words, lo nibbles sub-block 2c, hi nibbles 2c + 1
-        a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
+    elif KIND == "q4_k":  # qs int32 [N, K/8]: v = 4 sb + c, 8 words: lo nibbles sub-block 2c, hi nibbles 2c + 1
+        a = tl.load(p0 + r * (K // 8) + 8 * v + w, mask=ok, other=0)
         b = tl.zeros([1, 1, 1], tl.int32)
     else:  # q6_k: ql int32 [N, K/8] (4 words a pair), qh int32 [N, K/16]: v = 8 sb + 4 hh + 2 e + h
         a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
@@ -205,14 +211,14 @@ def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
-def _pair_codes(a, b, v, KIND: tl.constexpr):
-    """Raw words -> (lo, hi) [BN, V, 4]: each unit's 16 codes as 4 words of bytes (unsigned but for Q8_0)."""
+def _pair_codes(a, b, v, KIND: tl.constexpr, W: tl.constexpr):
+    """Raw words -> (lo, hi) [V, BN, W]: each unit's codes as W words of bytes (unsigned but for Q8_0)."""
     if KIND == "q8_0":
         return a, b
     lo = a & 0x0F0F0F0F
     hi = (a >> 4) & 0x0F0F0F0F
     if KIND == "q5_0":  # qh bit i: weight i's 5th bit; lo = weights 0..15, hi = 16..31
-        s = 4 * tl.arange(0, 4)[None, None, :]
+        s = 4 * tl.arange(0, W)[None, None, :]
         lo |= _spread_bits((b >> s) & 15) << 4
         hi |= _spread_bits((b >> (16 + s)) & 15) << 4
     elif KIND == "q6_k":  # qh bits 2c of group c: lo is group e, hi group e + 2
@@ -224,12 +230,11 @@ def _pair_codes(a, b, v, KIND: tl.constexpr):
 
 @triton.jit
 def _pair_offsets(v, KIND: tl.constexpr):
-    """Where the lo and hi units' 16 inputs start in the row, [V] each."""
-    if KIND == "q8_0" or KIND == "q5_0":
+    """Where the lo and hi units' inputs start in the row, [V] each."""
+    if KIND == "q8_0" or KIND == "q4_k":  # q4_k: v = 4 sb + c, sub-blocks 2c and 2c + 1
+        return 64 * v, 64 * v + 32
+    elif KIND == "q5_0":
         return 32 * v, 32 * v + 16
-    elif KIND == "q4_k":  # v = 8 sb + 2 c + h
-        lo = 256 * (v // 8) + 64 * ((v // 2) % 4) + 16 * (v % 2)
-        return lo, lo + 32
     else:  # q6_k, v = 8 sb + 4 hh + 2 e + h
         lo = 256 * (v // 8) + 128 * ((v // 4) % 2) + 32 * ((v // 2) % 2) + 16 * (v % 2)
         return lo, lo + 64
@@ -237,15 +242,16 @@ def _pair_offsets(v, KIND: tl.constexpr):
 
 @triton.jit
 def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
-    """Per row `r` [BN, 1] and pair `v` [1, V]: the lo and hi units' code scales a and minimum scales b."""
-    if KIND == "q8_0":  # one f16 d a block
-        d = tl.load(p1 + r * (K // 32) + v).to(tl.float32)
-        return d, d, 0.0, 0.0
+    """Per pair `v` [V, 1] (clamped to the row) and row `r` [1, BN]: the lo and hi units' code scales a and
+    minimum scales b."""
+    if KIND == "q8_0":  # f16 d a block
+        d = p1 + r * (K // 32)
+        return tl.load(d + 2 * v).to(tl.float32), tl.load(d + tl.minimum(2 * v + 1, K // 32 - 1)).to(tl.float32), 0.0, 0.0
     elif KIND == "q5_0":
         d = tl.load(p2 + r * (K // 32) + v).to(tl.float32)
         return d, d, 0.0, 0.0
     elif KIND == "q4_k":  # p1: the 12-byte scale field as 3 int32 words a super-block, p2: (d, dmin) as one word
-        sb = v // 8
+        sb = v // 4
         words = p1 + r * (K // 256 * 3) + 3 * sb
         w0 = tl.load(words)
         w1 = tl.load(words + 1)
@@ -253,7 +259,7 @@ def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
         dm = tl.load(p2 + r * (K // 256) + sb)
         d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        j = 2 * ((v // 2) % 4)
+        j = 2 * (v % 4)
         sc_lo, mn_lo = _k_scale_min_words(w0, w1, w2, j)
         sc_hi, mn_hi = _k_scale_min_words(w0, w1, w2, j + 1)
         return d * sc_lo, d * sc_hi, dmin * mn_lo, dmin * mn_hi
@@ -265,11 +271,11 @@ def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
-def _quantize_units(x_row, start, K: tl.constexpr):
-    """The 16 inputs at each `start` [V] -> (int8 codes round(x / dx) as 4 words [V, 4], dx = max|x| / 127 [V],
+def _quantize_units(x_row, start, K: tl.constexpr, W: tl.constexpr):
+    """The 4W inputs at each `start` [V] -> (int8 codes round(x / dx) as W words [V, W], dx = max|x| / 127 [V],
     code sums [V], exact fp32 sums [V]); inputs at or past K read as 0 (all-zero units give zero codes)."""
     i = tl.arange(0, 4)
-    k = start[:, None, None] + 4 * tl.arange(0, 4)[None, :, None] + i[None, None, :]
+    k = start[:, None, None] + 4 * tl.arange(0, W)[None, :, None] + i[None, None, :]
     x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
     q = tl.floor(x * (127.0 / tl.maximum(amax, 1e-30))[:, None, None] + 0.5).to(tl.int32)
@@ -280,43 +286,44 @@ def _quantize_units(x_row, start, K: tl.constexpr):
 @triton.jit
 def _unit_sums(codes, a, b, xw, dx, xq_sum, x_sum, Z: tl.constexpr, SIGNED: tl.constexpr, HAS_MIN: tl.constexpr,
                ASM: tl.constexpr):
-    """[BN, V]: a * dx * (codes . xq - Z * sum xq) - b * sum x for one unit of each pair."""
-    dots = tl.sum(_dot4(codes, xw[None], SIGNED, ASM), axis=2)
+    """[V, BN]: a * dx * (codes . xq - Z * sum xq) - b * sum x for one unit of each pair."""
+    dots = tl.sum(_dot4(codes, xw[:, None, :], SIGNED, ASM), axis=2)
     if Z != 0:
-        dots -= Z * xq_sum[None]
-    out = a * dx[None] * dots.to(tl.float32)
+        dots -= Z * xq_sum[:, None]
+    out = a * dx[:, None] * dots.to(tl.float32)
     if HAS_MIN:
-        out -= b * x_sum[None]
+        out -= b * x_sum[:, None]
     return out
 
 
 @triton.jit
 def _gemv(x_ptr, p0, p1, p2, p3, y_ptr, N, stride_x, stride_y, K: tl.constexpr, KIND: tl.constexpr,
           BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    V: tl.constexpr = CHUNK // 32  # pairs a chunk
-    NV: tl.constexpr = K // 32  # pairs a row
+    W: tl.constexpr = 8 if KIND == "q4_k" or KIND == "q8_0" else 4  # words a unit
+    V: tl.constexpr = CHUNK // (8 * W)  # pairs a chunk
+    NV: tl.constexpr = (K + 8 * W - 1) // (8 * W)  # pairs a row
     Z: tl.constexpr = 16 if KIND == "q5_0" else (32 if KIND == "q6_k" else 0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.minimum(rows, N - 1).to(tl.int64)[:, None]
+    r = tl.minimum(rows, N - 1).to(tl.int64)[None, :]
     x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
     vv = tl.arange(0, V)
-    a, b = _pair_words(p0, p1, r[:, :, None], vv[None, :, None], (vv < NV)[None, :, None], K, KIND)
+    a, b = _pair_words(p0, p1, r[:, :, None], vv[:, None, None], (vv < NV)[:, None, None], K, KIND, W)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, NV, V):
         v = v0 + vv
-        vc = tl.minimum(v, NV - 1)
         if NV > V:  # the next chunk's words go out before this chunk's math
             nxt = v + V
-            a_next, b_next = _pair_words(p0, p1, r[:, :, None], nxt[None, :, None], (nxt < NV)[None, :, None], K,
-                                         KIND)
+            a_next, b_next = _pair_words(p0, p1, r[:, :, None], nxt[:, None, None], (nxt < NV)[:, None, None], K,
+                                         KIND, W)
         start_lo, start_hi = _pair_offsets(v, KIND)
-        xw_lo, dx_lo, qs_lo, xs_lo = _quantize_units(x_row, start_lo, K)
-        xw_hi, dx_hi, qs_hi, xs_hi = _quantize_units(x_row, start_hi, K)
-        a_lo, a_hi, b_lo, b_hi = _pair_scales(p1, p2, p3, r, vc[None, :], K, KIND)
-        lo, hi = _pair_codes(a, b, vc[None, :, None], KIND)
+        xw_lo, dx_lo, qs_lo, xs_lo = _quantize_units(x_row, start_lo, K, W)
+        xw_hi, dx_hi, qs_hi, xs_hi = _quantize_units(x_row, start_hi, K, W)
+        vc = tl.minimum(v, NV - 1)
+        a_lo, a_hi, b_lo, b_hi = _pair_scales(p1, p2, p3, r, vc[:, None], K, KIND)
+        lo, hi = _pair_codes(a, b, vc[:, None, None], KIND, W)
         part = _unit_sums(lo, a_lo, b_lo, xw_lo, dx_lo, qs_lo, xs_lo, Z, KIND == "q8_0", KIND == "q4_k", ASM)
         part += _unit_sums(hi, a_hi, b_hi, xw_hi, dx_hi, qs_hi, xs_hi, Z, KIND == "q8_0", KIND == "q4_k", ASM)
-        acc += tl.sum(part, axis=1)
+        acc += tl.sum(part, axis=0)
         if NV > V:
             a = a_next
             b = b_next
@@ -389,13 +396,12 @@ def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
-    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration (all of K up to 4096). The
-    CPU interpreter runs one program at a time: one wide tile a row."""
+    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration. Few warps a program: the
+    threads spread over a chunk's pairs (64 for Q4_K's 4096 weights) and hold all BLOCK_N rows, so one rounding
+    of the inputs serves every row. The CPU interpreter runs one program at a time: one wide tile a row."""
     if device.type != "cuda":
         return {"BLOCK_N": 64, "CHUNK": 256, "num_warps": 4}
-    chunk = 4096 if w.k <= 4096 else 2048
-    return {"BLOCK_N": 8 if w.n >= 8192 or w.k > 4096 else 4, "CHUNK": min(chunk, triton.next_power_of_2(w.k)),
-            "num_warps": 4}
+    return {"BLOCK_N": 4 if w.n <= 2048 else 8, "CHUNK": 4096 if w.k <= 4096 else 2048, "num_warps": 2}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Tolerances are bounds, computed per output from the inputs, not fudge factors:
 
-* GEMV rounds each group of 16 inputs to int8 codes of step `dx = max|x| / 127` (at most `dx / 2` off) and its
-  integer dot products are exact, so `|y - ref| <= sum_k |s_g q_k| dx_k / 2` where `s_g q_k` is the weight's code
+* GEMV rounds each group of `INPUT_GROUP[kind]` inputs to int8 codes of step `dx = max|x| / 127` (at most `dx / 2`
+  off) and its integer dot products are exact, so `|y - ref| <= sum_k |s_g q_k| dx_k / 2` where `s_g q_k` is the weight's code
   term (`nbllm.gguf.repack` splits each weight into it and the offset, which the kernel multiplies exactly), plus
   fp32 summation slack (1e-5 of `|x| @ |W|^T`).
 * GEMM multiplies W rounded to x's dtype: bf16 is off by at most 2^-9 relative per weight (`2^-9 |x| @ |W|^T`),
@@ -30,7 +30,7 @@ from nbllm.errors import UnsupportedQuantError  # noqa: E402
 from nbllm.gguf.quants import dequantize  # noqa: E402
 from nbllm.gguf.repack import repack  # noqa: E402
 from nbllm.kernels.quant_matmul import (  # noqa: E402
-    BLOCK_BYTES, GEMV_MAX_ROWS, pack, quant_gemm, quant_gemv, random_blocks)
+    BLOCK_BYTES, GEMV_MAX_ROWS, INPUT_GROUP, pack, quant_gemm, quant_gemv, random_blocks)
 from nbllm.models.gpu_quant_linear import KERNEL_KINDS, GGUFLinear, gguf_linear_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -69,8 +69,9 @@ def gemv_bound(x: torch.Tensor, raw: torch.Tensor, kind: str, k: int) -> torch.T
     groups = packed.scale.shape[1]
     code_terms = (packed.q.view(raw.shape[0], groups, -1).float() * packed.scale[:, :, None]).abs().view(-1, k)
     xf = x.float()
-    dx = xf.view(xf.shape[0], -1, 16).abs().amax(-1) / 127
-    return dx.repeat_interleave(16, dim=1) / 2 @ code_terms.T + 1e-5 * magnitude(x, raw, kind, k)
+    group = INPUT_GROUP[kind]
+    dx = xf.view(xf.shape[0], -1, group).abs().amax(-1) / 127
+    return dx.repeat_interleave(group, dim=1) / 2 @ code_terms.T + 1e-5 * magnitude(x, raw, kind, k)
 
 
 def check(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> None:

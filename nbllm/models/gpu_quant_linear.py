@@ -29,7 +29,7 @@ __all__ = ["GGUFLinear", "KERNEL_KINDS", "gguf_linear_reference"]
 class GGUFLinear(nn.Module):
     """`y = x W^T + b` with `W` `[out, in]` in its GGUF bits on a CUDA device; output in x's dtype.
 
-    Build it with `from_gguf`. Inputs of up to `GEMV_MAX_ROWS` rows round x to int8 per 32 values (llama.cpp's
+    Build it with `from_gguf`. Inputs of up to `GEMV_MAX_ROWS` rows round x to int8 per 16 values (llama.cpp's
     CUDA numerics, see the kernels' docstring); larger ones multiply W rounded to x's dtype.
     """
 
