@@ -16,7 +16,7 @@ extern "C" {
 
 struct NbllmQ8Linear {  // a weight packed by nbllm_q8_pack
     const uint8_t* packed;
-    int64_t n, k, group, scale_half, offsets, act_block;
+    int64_t n, k, group, scale_half, offsets, width, bias, act_block;
 };
 
 struct NbllmDecoderLayer {
@@ -41,7 +41,7 @@ namespace {
 
 void linear(const NbllmQ8Linear& w, const float* x, int64_t T, float* y, int threads) {
     nbllm_q8_gemm(x, T, w.k, w.packed, w.n, w.k, w.group, static_cast<int>(w.scale_half), static_cast<int>(w.offsets),
-                  y, w.n, threads, w.act_block);
+                  static_cast<int>(w.width), static_cast<int>(w.bias), y, w.n, threads, w.act_block);
 }
 
 void store_kv(const NbllmDecoderLayer& L, const NbllmStep& s, const float* k, const float* qkv, int64_t v_col,

@@ -22,7 +22,8 @@ _F = ctypes.c_float
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("packed", P), *[(name, I) for name in ("n", "k", "group", "scale_half", "offsets", "act_block")]]
+    _fields_ = [("packed", P), *[(name, I) for name in ("n", "k", "group", "scale_half", "offsets", "width", "bias",
+                                                     "act_block")]]
 
 
 class _Layer(ctypes.Structure):

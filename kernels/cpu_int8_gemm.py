@@ -74,10 +74,12 @@ class Int8Gemm:
             self.panels = None
         else:
             half = int(s.dtype == torch.float16)
-            packed = _pack_panels(q, s, o, group, half)
+            width, bias = _code_width(q)
+            packed = _pack_panels(q, s, o, group, half, width, bias)
             self._tensors = (packed,)
-            kernel = function("nbllm_q8_gemm", P, I, I, P, I, I, I, ctypes.c_int, ctypes.c_int, P, I, ctypes.c_int, I)
-            weight = (packed.data_ptr(), self.n, self.k, group, half, int(o is not None))
+            kernel = function("nbllm_q8_gemm", P, I, I, P, I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, P, I, ctypes.c_int, I)
+            weight = (packed.data_ptr(), self.n, self.k, group, half, int(o is not None), width, bias)
             self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads(),
                                                   activation_block)
             #: The packed weight as kernels that chain this one take it (`cpu_decoder.py`'s NbllmQ8Linear).
@@ -93,13 +95,24 @@ class Int8Gemm:
         return y.view(*x.shape[:-1], self.n)
 
 
-def _pack_panels(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, group: int, half: int) -> torch.Tensor:
+def _code_width(q: torch.Tensor) -> tuple[int, int]:
+    """The fewest bits that hold every code as `q + bias` (4: Q4_K's 0..15 or Q4_0's -8..7; 5: Q5_0's -16..15;
+    else 8), and that bias: the panels store the file's own widths, so decode reads as few bytes as llama.cpp."""
+    lo, hi = (int(v) for v in torch.aminmax(q)) if q.numel() else (0, 0)
+    for width in (4, 5):
+        if hi - lo < 1 << width:
+            return width, -lo
+    return 8, 128
+
+
+def _pack_panels(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, group: int, half: int, width: int,
+                 bias: int) -> torch.Tensor:
     """The weight in the int8-activation kernel's own layout (panels of 16 rows; `cpu_q8_gemm.cpp` says why)."""
     n, k = q.shape
-    size = function("nbllm_q8_packed_bytes", I, I, I, ctypes.c_int, ctypes.c_int, restype=I)
-    packed = torch.empty(size(n, k, group, half, int(o is not None)), dtype=torch.uint8)
-    function("nbllm_q8_pack", P, P, P, I, I, I, ctypes.c_int, P, ctypes.c_int)(
-        q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, half, packed.data_ptr(), num_threads())
+    size = function("nbllm_q8_packed_bytes", I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, restype=I)
+    packed = torch.empty(size(n, k, group, half, int(o is not None), width), dtype=torch.uint8)
+    function("nbllm_q8_pack", P, P, P, I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, ctypes.c_int)(
+        q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, half, width, bias, packed.data_ptr(), num_threads())
     return packed
 
 

@@ -15,5 +15,6 @@ void nbllm_paged_attention(const float* q, float* out, const float* k_cache, con
                            int64_t num_seqs, float scale, int64_t window, int threads);
 void nbllm_gated_activation(const float* gate_up, int64_t rows, int64_t inner, int gelu, float* out, int threads);
 void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const uint8_t* packed, int64_t N, int64_t K, int64_t G,
-                   int scale_half, int has_offsets, float* y, int64_t ldy, int threads, int64_t act_block);
+                   int scale_half, int has_offsets, int width, int bias, float* y, int64_t ldy, int threads,
+                   int64_t act_block);
 }

@@ -15,11 +15,17 @@
 // summed over the groups g in order, one fp32 fma chain per output: every output's arithmetic is the same whatever
 // M is and however the rows are tiled, so rows are batch-invariant.
 //
-// Why panels: the weights are repacked once into panels of 16 rows, each group stored as (G / 4) vectors of
-// 16 rows x 4 consecutive codes, then the panel's 16 scales (and offsets) of that group. One vector load feeds one
-// VNNI dot product per activation row into 16 row sums at once (the activation's 4 codes broadcast): no horizontal
+// Why panels: the weights are repacked once into panels of 16 rows, each group stored as (G / 4) steps of
+// 16 rows x 4 consecutive codes, then the panel's 16 scales (and offsets) of that group. One step feeds one VNNI
+// dot product per activation row into 16 row sums at once (the activation's 4 codes broadcast): no horizontal
 // sums, a weight read once per tile of activation rows, and a panel is one sequential stream (decode is
 // memory-bound: the hardware prefetcher follows one stream per thread best).
+//
+// Codes are stored unsigned, u = q + bias, in as few bits as the weight needs (decode reads every weight once a
+// token, so bytes are time): 8 bits (bias 128), 4 bits (Q4_K's 0..15, Q4_0's -8..7) or 5 bits (Q5_0's -16..15:
+// 4-bit nibbles plus a plane of high bits) -- the GGUF file's own widths. A 64-byte vector of nibbles holds two
+// steps (low nibbles the even one); the high bits of a step are one 64-bit word, bit i for byte i. Each group's
+// dot products start from -bias * sum(x), so they sum q * x exactly whatever the width.
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -86,8 +92,8 @@ struct Activations {
     }
 };
 
-// 16 int32 lanes of dot products over 4 codes each: u (the panel's unsigned codes, w + 128) with s (4 activation
-// codes broadcast). With AVX-512 VNNI one instruction; the start value -128 * sum(x) makes it sum w * x.
+// 16 int32 lanes of dot products over 4 codes each: u (a step of unsigned panel codes) with s (4 activation codes
+// broadcast). With AVX-512 VNNI one instruction.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 struct I16 {
     __m512i v;
@@ -96,13 +102,25 @@ struct F16 {
     __m512 v;
 };
 inline I16 load_codes(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline void split_nibbles(I16 v, I16& lo, I16& hi) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    lo = {_mm512_and_si512(v.v, mask)};
+    hi = {_mm512_and_si512(_mm512_srli_epi16(v.v, 4), mask)};
+}
+inline I16 add_high_bits(I16 v, const uint8_t* bits) {  // +16 on the bytes whose bit is set
+    uint64_t word;
+    std::memcpy(&word, bits, 8);
+    return {_mm512_mask_add_epi8(v.v, _cvtu64_mask64(word), v.v, _mm512_set1_epi8(16))};
+}
 inline I16 broadcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
     return {_mm512_set1_epi32(v)};
 }
-inline I16 group_start(int32_t code_sum) { return {_mm512_set1_epi32(-128 * code_sum)}; }
+inline I16 splat(int32_t v) { return {_mm512_set1_epi32(v)}; }
+constexpr bool kSignedInt8Dot = false;
 inline I16 dot(I16 acc, I16 u, I16 s) { return {_mm512_dpbusd_epi32(acc.v, u.v, s.v)}; }
+inline I16 dot_int8(I16 acc, I16 u, I16 s) { return dot(acc, u, s); }
 inline F16 to_float(I16 a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline F16 fzero() { return {_mm512_setzero_ps()}; }
 inline F16 fset(float v) { return {_mm512_set1_ps(v)}; }
@@ -118,8 +136,9 @@ inline void store(float* p, F16 a, int64_t n) {
         _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), a.v);
 }
 #else
-// AVX2: two halves of 8 lanes; codes back to signed and llama.cpp's sign trick (|w| unsigned times x with w's
-// sign: int16 pairs cannot saturate), so the start value is 0.
+// AVX2: two halves of 8 lanes. Small unsigned codes (4-5 bits) go straight into maddubs (int16 pairs cannot
+// saturate); 8-bit ones go back to signed and take llama.cpp's sign trick (|w| unsigned times x with w's sign),
+// so they sum q * x from a start of 0.
 struct I16 {
     __m256i lo, hi;
 };
@@ -130,18 +149,42 @@ inline I16 load_codes(const uint8_t* p) {
     return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
 }
+inline void split_nibbles(I16 v, I16& lo, I16& hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    lo = {_mm256_and_si256(v.lo, mask), _mm256_and_si256(v.hi, mask)};
+    hi = {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), mask), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), mask)};
+}
+inline __m256i sixteen_where_set(uint32_t bits) {  // byte i: 16 if bit i is set, else 0
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int32_t>(bits)),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+inline I16 add_high_bits(I16 v, const uint8_t* bits) {
+    uint64_t word;
+    std::memcpy(&word, bits, 8);
+    return {_mm256_add_epi8(v.lo, sixteen_where_set(static_cast<uint32_t>(word))),
+            _mm256_add_epi8(v.hi, sixteen_where_set(static_cast<uint32_t>(word >> 32)))};
+}
 inline I16 broadcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
     return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)};
 }
-inline I16 group_start(int32_t) { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline I16 splat(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+constexpr bool kSignedInt8Dot = true;
 inline __m256i dot8(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline __m256i dot8_int8(__m256i acc, __m256i u, __m256i s) {
     const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
     const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
 }
 inline I16 dot(I16 acc, I16 u, I16 s) { return {dot8(acc.lo, u.lo, s.lo), dot8(acc.hi, u.hi, s.hi)}; }
+inline I16 dot_int8(I16 acc, I16 u, I16 s) { return {dot8_int8(acc.lo, u.lo, s.lo), dot8_int8(acc.hi, u.hi, s.hi)}; }
 inline F16 to_float(I16 a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline F16 fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline F16 fset(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
@@ -163,47 +206,74 @@ inline void store(float* p, F16 a, int64_t n) {
 }
 #endif
 
-// Where a panel's parts lie: per group, codes (16 * G bytes), 16 scales, then 16 offsets if the weight has them.
+// How a panel stores its codes (bits per code).
+enum Width : int { kBits8 = 8, kBits4 = 4, kBits5 = 5 };
+
+// Where a panel's parts lie: per group, codes (16 * G * bits / 8 bytes), 16 scales, then 16 offsets if any.
 struct PanelLayout {
     int64_t G, groups, scale_bytes;
     bool offsets;
-    int64_t group_bytes() const { return kLanes * G + kLanes * (scale_bytes + (offsets ? 4 : 0)); }
+    int width, bias;
+    int64_t code_bytes() const { return kLanes * G * width / 8; }
+    int64_t group_bytes() const { return code_bytes() + kLanes * (scale_bytes + (offsets ? 4 : 0)); }
     int64_t panel_bytes() const { return groups * group_bytes(); }
 };
+
+// Steps 2j and 2j + 1 of a group's codes (`group` its first byte; G codes a row).
+template <int W, int G>
+inline void load_pair(const uint8_t* group, int64_t j, I16& even, I16& odd) {
+    if (W == kBits8) {
+        even = load_codes(group + 2 * j * 64);
+        odd = load_codes(group + (2 * j + 1) * 64);
+        return;
+    }
+    split_nibbles(load_codes(group + j * 64), even, odd);
+    if (W == kBits5) {
+        const uint8_t* high = group + kLanes * G / 2;  // after the group's nibbles: one 8-byte word a step
+        even = add_high_bits(even, high + 2 * j * 8);
+        odd = add_high_bits(odd, high + (2 * j + 1) * 8);
+    }
+}
+
+template <int W>
+inline I16 dot_codes(I16 acc, I16 u, I16 s) {
+    return W == kBits8 ? dot_int8(acc, u, s) : dot(acc, u, s);
+}
 
 constexpr int kPanels = 2;  // weight panels per tile (32 rows)
 constexpr int kCols = 4;    // activation rows per tile
 
 // P panels (`panel`, stride `stride` bytes; rows[p] valid rows each) times C activation rows from m0.
-template <int P, int C, int G, typename S, bool Offsets>
+template <int P, int C, int G, typename S, bool Offsets, int W>
 inline void tile(const Activations& a, int64_t m0, const uint8_t* panel, int64_t stride, const PanelLayout& L,
                  const int64_t* rows, float* y, int64_t ldy) {
-    constexpr int64_t kCodeBytes = kLanes * G;
-    const int64_t group_bytes = L.group_bytes();
+    const int64_t group_bytes = L.group_bytes(), code_bytes = L.code_bytes();
+    // The sum of q * x from dot products of u = q + bias: start at -bias * sum(x) (0 where the dot is signed).
+    const int32_t bias = W == kBits8 && kSignedInt8Dot ? 0 : L.bias;
     F16 acc[P][C];
     for (int p = 0; p < P; ++p)
         for (int c = 0; c < C; ++c) acc[p][c] = fzero();
     for (int64_t g = 0; g < L.groups; ++g) {
         I16 part[P][C];
         for (int c = 0; c < C; ++c) {
-            const I16 start = group_start(a.sum[(m0 + c) * a.groups + g]);
+            const I16 start = splat(-bias * a.sum[(m0 + c) * a.groups + g]);
             for (int p = 0; p < P; ++p) part[p][c] = start;
         }
         const int8_t* xg = a.q.data() + m0 * a.K + g * G;
-        for (int64_t step = 0; step < G / 4; ++step) {
-            I16 w[P];
+        for (int64_t j = 0; j < G / 8; ++j) {
+            I16 even[P], odd[P];
             for (int p = 0; p < P; ++p) {
-                const uint8_t* wp = panel + p * stride + g * group_bytes + step * 64;
-                _mm_prefetch(reinterpret_cast<const char*>(wp + 1024), _MM_HINT_T0);
-                w[p] = load_codes(wp);
+                const uint8_t* group = panel + p * stride + g * group_bytes;
+                _mm_prefetch(reinterpret_cast<const char*>(group + j * 64 + 4096), _MM_HINT_T0);
+                load_pair<W, G>(group, j, even[p], odd[p]);
             }
             for (int c = 0; c < C; ++c) {
-                const I16 xs = broadcast4(xg + c * a.K + step * 4);
-                for (int p = 0; p < P; ++p) part[p][c] = dot(part[p][c], w[p], xs);
+                const I16 x0 = broadcast4(xg + c * a.K + 8 * j), x1 = broadcast4(xg + c * a.K + 8 * j + 4);
+                for (int p = 0; p < P; ++p) part[p][c] = dot_codes<W>(dot_codes<W>(part[p][c], even[p], x0), odd[p], x1);
             }
         }
         for (int p = 0; p < P; ++p) {
-            const uint8_t* tail = panel + p * stride + g * group_bytes + kCodeBytes;
+            const uint8_t* tail = panel + p * stride + g * group_bytes + code_bytes;
             const F16 scale = fload(reinterpret_cast<const S*>(tail));
             const F16 offset = Offsets ? fload(reinterpret_cast<const float*>(tail + kLanes * sizeof(S))) : fzero();
             for (int c = 0; c < C; ++c) {
@@ -217,18 +287,18 @@ inline void tile(const Activations& a, int64_t m0, const uint8_t* panel, int64_t
         for (int c = 0; c < C; ++c) store(y + c * ldy + p * kLanes, acc[p][c], rows[p]);
 }
 
-template <int P, int G, typename S, bool Offsets>
+template <int P, int G, typename S, bool Offsets, int W>
 inline void panel_rows(const Activations& a, int64_t M, const uint8_t* panel, const PanelLayout& L,
                        const int64_t* rows, float* y, int64_t ldy) {
     const int64_t stride = L.panel_bytes();
     int64_t m = 0;
-    for (; m + kCols <= M; m += kCols) tile<P, kCols, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
-    if (M - m == 3) tile<P, 3, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
-    if (M - m == 2) tile<P, 2, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
-    if (M - m == 1) tile<P, 1, G, S, Offsets>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    for (; m + kCols <= M; m += kCols) tile<P, kCols, G, S, Offsets, W>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 3) tile<P, 3, G, S, Offsets, W>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 2) tile<P, 2, G, S, Offsets, W>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
+    if (M - m == 1) tile<P, 1, G, S, Offsets, W>(a, m, panel, stride, L, rows, y + m * ldy, ldy);
 }
 
-template <int G, typename S, bool Offsets>
+template <int G, typename S, bool Offsets, int W>
 void gemm(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N, float* y,
           int64_t ldy, int threads) {
     const int64_t panels = (N + kLanes - 1) / kLanes;
@@ -240,40 +310,67 @@ void gemm(const Activations& a, int64_t M, const uint8_t* packed, const PanelLay
             int64_t rows[kPanels];
             for (int p = 0; p < kPanels; ++p) rows[p] = std::max<int64_t>(0, std::min(kLanes, N - n0 - p * kLanes));
             if (p0 + kPanels <= panels)
-                panel_rows<kPanels, G, S, Offsets>(a, M, panel, L, rows, y + n0, ldy);
+                panel_rows<kPanels, G, S, Offsets, W>(a, M, panel, L, rows, y + n0, ldy);
             else
-                panel_rows<1, G, S, Offsets>(a, M, panel, L, rows, y + n0, ldy);
+                panel_rows<1, G, S, Offsets, W>(a, M, panel, L, rows, y + n0, ldy);
         }
     });
 }
 
-template <int G, typename S>
-void dispatch_offsets(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N,
-                      float* y, int64_t ldy, int threads) {
-    if (L.offsets)
-        gemm<G, S, true>(a, M, packed, L, N, y, ldy, threads);
+template <int G, int W>
+void dispatch_scales(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N,
+                     float* y, int64_t ldy, int threads) {
+    if (L.offsets && L.scale_bytes == 2)
+        gemm<G, uint16_t, true, W>(a, M, packed, L, N, y, ldy, threads);
+    else if (L.offsets)
+        gemm<G, float, true, W>(a, M, packed, L, N, y, ldy, threads);
+    else if (L.scale_bytes == 2)
+        gemm<G, uint16_t, false, W>(a, M, packed, L, N, y, ldy, threads);
     else
-        gemm<G, S, false>(a, M, packed, L, N, y, ldy, threads);
+        gemm<G, float, false, W>(a, M, packed, L, N, y, ldy, threads);
 }
 
-PanelLayout layout(int64_t K, int64_t G, int scale_half, bool offsets) {
-    return PanelLayout{G, K / G, scale_half ? 2 : 4, offsets};
+template <int G>
+void dispatch_width(const Activations& a, int64_t M, const uint8_t* packed, const PanelLayout& L, int64_t N,
+                    float* y, int64_t ldy, int threads) {
+    if (L.width == kBits4)
+        dispatch_scales<G, kBits4>(a, M, packed, L, N, y, ldy, threads);
+    else if (L.width == kBits5)
+        dispatch_scales<G, kBits5>(a, M, packed, L, N, y, ldy, threads);
+    else
+        dispatch_scales<G, kBits8>(a, M, packed, L, N, y, ldy, threads);
+}
+
+PanelLayout layout(int64_t K, int64_t G, int scale_half, bool offsets, int width, int bias) {
+    return PanelLayout{G, K / G, scale_half ? 2 : 4, offsets, width, bias};
+}
+
+// Code u (0 <= u < 2^width) of row r, column k (within its group) into a group's code bytes.
+void put_code(uint8_t* group, int64_t G, int width, int64_t r, int64_t k, uint8_t u) {
+    const int64_t step = k / 4, lane = r * 4 + k % 4;
+    if (width == kBits8) {
+        group[step * 64 + lane] = u;
+        return;
+    }
+    group[(step / 2) * 64 + lane] |= static_cast<uint8_t>((u & 0x0F) << (step % 2 ? 4 : 0));
+    if (width == kBits5 && (u & 0x10)) group[kLanes * G / 2 + step * 8 + lane / 8] |= static_cast<uint8_t>(1u << (lane % 8));
 }
 
 }  // namespace
 
 extern "C" {
 
-// Bytes of the panel form of an N x K weight with groups of G (16 or 32).
-int64_t nbllm_q8_packed_bytes(int64_t N, int64_t K, int64_t G, int scale_half, int has_offsets) {
-    return (N + kLanes - 1) / kLanes * layout(K, G, scale_half, has_offsets).panel_bytes();
+// Bytes of the panel form of an N x K weight with groups of G (16 or 32) and codes of `width` bits (8, 4 or 5).
+int64_t nbllm_q8_packed_bytes(int64_t N, int64_t K, int64_t G, int scale_half, int has_offsets, int width) {
+    return (N + kLanes - 1) / kLanes * layout(K, G, scale_half, has_offsets, width, 0).panel_bytes();
 }
 
 // The panel form of codes q [N, K], scales s [N, K / G] (fp32, or fp16 bits if scale_half) and offsets o (fp32 or
-// null). Rows past N in the last panel are zero.
+// null), each code stored as q + bias in `width` bits (the caller checks they fit; 8 bits: bias 128). Rows past N
+// in the last panel are zero.
 void nbllm_q8_pack(const int8_t* q, const void* s, const float* o, int64_t N, int64_t K, int64_t G, int scale_half,
-                   uint8_t* out, int threads) {
-    const PanelLayout L = layout(K, G, scale_half, o != nullptr);
+                   int width, int bias, uint8_t* out, int threads) {
+    const PanelLayout L = layout(K, G, scale_half, o != nullptr, width, bias);
     const int64_t panels = (N + kLanes - 1) / kLanes;
     nbllm::parallel_for(panels, 16, threads, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
@@ -283,13 +380,9 @@ void nbllm_q8_pack(const int8_t* q, const void* s, const float* o, int64_t N, in
                 const int64_t n = p * kLanes + r;
                 for (int64_t g = 0; g < L.groups; ++g) {
                     uint8_t* grp = dst + g * L.group_bytes();
-                    for (int64_t j = 0; j < G / 4; ++j) {  // 4 codes at a time, made unsigned (+128)
-                        uint32_t codes;
-                        std::memcpy(&codes, q + n * K + g * G + 4 * j, 4);
-                        codes ^= 0x80808080u;
-                        std::memcpy(grp + j * 64 + r * 4, &codes, 4);
-                    }
-                    uint8_t* tail = grp + kLanes * G;
+                    for (int64_t k = 0; k < G; ++k)
+                        put_code(grp, G, width, r, k, static_cast<uint8_t>(q[n * K + g * G + k] + bias));
+                    uint8_t* tail = grp + L.code_bytes();
                     std::memcpy(tail + r * L.scale_bytes, static_cast<const uint8_t*>(s) + (n * L.groups + g) * L.scale_bytes,
                                 L.scale_bytes);
                     if (o) std::memcpy(tail + kLanes * L.scale_bytes + r * 4, o + n * L.groups + g, 4);
@@ -302,17 +395,14 @@ void nbllm_q8_pack(const int8_t* q, const void* s, const float* o, int64_t N, in
 // y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the packed weight, x rounded to int8 in blocks of
 // act_block (32: Q8_0, 256: Q8_K) first. K must be a multiple of act_block and G 16 or 32.
 void nbllm_q8_gemm(const float* x, int64_t M, int64_t ldx, const uint8_t* packed, int64_t N, int64_t K, int64_t G,
-                   int scale_half, int has_offsets, float* y, int64_t ldy, int threads, int64_t act_block) {
-    const PanelLayout L = layout(K, G, scale_half, has_offsets);
+                   int scale_half, int has_offsets, int width, int bias, float* y, int64_t ldy, int threads,
+                   int64_t act_block) {
+    const PanelLayout L = layout(K, G, scale_half, has_offsets, width, bias);
     const Activations a(x, M, ldx, K, G, act_block, has_offsets, threads);
-    if (G == 32 && scale_half)
-        dispatch_offsets<32, uint16_t>(a, M, packed, L, N, y, ldy, threads);
-    else if (G == 32)
-        dispatch_offsets<32, float>(a, M, packed, L, N, y, ldy, threads);
-    else if (scale_half)
-        dispatch_offsets<16, uint16_t>(a, M, packed, L, N, y, ldy, threads);
+    if (G == 32)
+        dispatch_width<32>(a, M, packed, L, N, y, ldy, threads);
     else
-        dispatch_offsets<16, float>(a, M, packed, L, N, y, ldy, threads);
+        dispatch_width<16>(a, M, packed, L, N, y, ldy, threads);
 }
 
 }  // extern "C"
