@@ -345,15 +345,23 @@ PanelLayout layout(int64_t K, int64_t G, int scale_half, bool offsets, int width
     return PanelLayout{G, K / G, scale_half ? 2 : 4, offsets, width, bias};
 }
 
-// Code u (0 <= u < 2^width) of row r, column k (within its group) into a group's code bytes.
-void put_code(uint8_t* group, int64_t G, int width, int64_t r, int64_t k, uint8_t u) {
-    const int64_t step = k / 4, lane = r * 4 + k % 4;
+// Row r's G codes u (0 <= u < 2^width) of one group into the group's code bytes.
+void put_codes(uint8_t* group, int64_t G, int width, int64_t r, const uint8_t* u) {
     if (width == kBits8) {
-        group[step * 64 + lane] = u;
+        for (int64_t step = 0; step < G / 4; ++step) std::memcpy(group + step * 64 + r * 4, u + 4 * step, 4);
         return;
     }
-    group[(step / 2) * 64 + lane] |= static_cast<uint8_t>((u & 0x0F) << (step % 2 ? 4 : 0));
-    if (width == kBits5 && (u & 0x10)) group[kLanes * G / 2 + step * 8 + lane / 8] |= static_cast<uint8_t>(1u << (lane % 8));
+    for (int64_t j = 0; j < G / 8; ++j)  // steps 2j (low nibbles) and 2j + 1 (high nibbles) share a vector
+        for (int64_t k = 0; k < 4; ++k)
+            group[j * 64 + r * 4 + k] = static_cast<uint8_t>((u[8 * j + k] & 0x0F) | (u[8 * j + 4 + k] & 0x0F) << 4);
+    if (width == kBits5) {
+        uint8_t* high = group + kLanes * G / 2;
+        for (int64_t step = 0; step < G / 4; ++step) {
+            int bits = 0;
+            for (int64_t k = 0; k < 4; ++k) bits |= (u[4 * step + k] >> 4 & 1) << k;
+            high[step * 8 + r / 2] |= static_cast<uint8_t>(bits << (r % 2 * 4));  // bit r * 4 + k of the word
+        }
+    }
 }
 
 }  // namespace
@@ -380,8 +388,9 @@ void nbllm_q8_pack(const int8_t* q, const void* s, const float* o, int64_t N, in
                 const int64_t n = p * kLanes + r;
                 for (int64_t g = 0; g < L.groups; ++g) {
                     uint8_t* grp = dst + g * L.group_bytes();
-                    for (int64_t k = 0; k < G; ++k)
-                        put_code(grp, G, width, r, k, static_cast<uint8_t>(q[n * K + g * G + k] + bias));
+                    uint8_t u[32];
+                    for (int64_t k = 0; k < G; ++k) u[k] = static_cast<uint8_t>(q[n * K + g * G + k] + bias);
+                    put_codes(grp, G, width, r, u);
                     uint8_t* tail = grp + L.code_bytes();
                     std::memcpy(tail + r * L.scale_bytes, static_cast<const uint8_t*>(s) + (n * L.groups + g) * L.scale_bytes,
                                 L.scale_bytes);
