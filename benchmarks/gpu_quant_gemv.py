@@ -41,8 +41,8 @@ def q4_k_m_kind(name: str, layer: int) -> str:
 
 
 #: GEMV launch shapes (BLOCK_N, CHUNK, num_warps) the sweep times, by K.
-SWEEP = {HIDDEN: [(4, 4096, 2), (8, 4096, 2), (4, 4096, 4), (8, 4096, 4), (16, 4096, 4), (8, 2048, 2)],
-         INTER: [(4, 4096, 2), (8, 2048, 2), (4, 4096, 4), (8, 4096, 4), (4, 2048, 2), (8, 4096, 2)]}
+SWEEP = {HIDDEN: [(4, 4096, 2), (8, 4096, 2), (16, 4096, 2), (4, 4096, 4), (8, 4096, 4), (8, 2048, 1)],
+         INTER: [(4, 4096, 2), (8, 4096, 2), (8, 2048, 1), (4, 2048, 1), (4, 2048, 2), (8, 2048, 2)]}
 
 
 def launch(shape: tuple[int, int, int]) -> dict[str, int]:

@@ -14,7 +14,8 @@ Two paths:
 
 * GEMV (`quant_gemv`, few input rows: decode). Like llama.cpp's CUDA `mmvq`, each program quantizes its input
   to int8 in groups of 32 or 16 (`INPUT_GROUP`: one per weight scale; `x ≈ dx * xq`, `dx = max|x| / 127`) and
-  takes the dot products of 4 codes at a time with `dp4a` (one instruction for 4 multiply-adds) in int32; the group scales multiply the integer sums.
+  takes the dot products of 4 codes at a time with `dp4a` (one instruction for 4 multiply-adds) in int32; the
+  group scales multiply the integer sums.
   Unpacking and converting every weight to float instead costs ~4 instructions a weight, which at HBM3 rates is
   more than the SMs can issue. The price is the input's 8-bit rounding: the error of one output is at most
   `sum_k |s_g q_k| * dx_g / 2` (code term `s_g q_k` of each weight, `dx_g` of its input group), the bound the
@@ -37,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_BYTES", "GEMV_MAX_ROWS", "INPUT_GROUP", "PackedWeight", "pack", "quant_gemm", "quant_gemv", "quant_matmul",
-           "random_blocks"]
+__all__ = ["BLOCK_BYTES", "GEMV_MAX_ROWS", "INPUT_GROUP", "PackedWeight", "pack", "quant_gemm", "quant_gemv",
+           "quant_matmul", "random_blocks"]
 
 #: Weights and bytes of one block of each supported type (GGML_QUANT_SIZES).
 BLOCK_BYTES: dict[str, tuple[int, int]] = {"q4_k": (256, 144), "q5_0": (32, 22), "q6_k": (256, 210), "q8_0": (32, 34)}
@@ -192,9 +193,10 @@ INPUT_GROUP: dict[str, int] = {"q4_k": 32, "q8_0": 32, "q5_0": 16, "q6_k": 16}
 
 
 @triton.jit
-def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr, W: tl.constexpr):
-    """Raw words of pairs `v` [V, 1, 1] of rows `r` [1, BN, 1], loads masked by `ok` (pairs past the row): (a, b)."""
-    w = tl.arange(0, W)[None, None, :]
+def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr, H: tl.constexpr):
+    """Raw words of pairs `v` [V, 1, 1, 1] of rows `r` [1, BN, 1, 1], loads masked by `ok` (pairs past the row):
+    (a, b), words w = 4h + j along the last two axes [H, 4]."""
+    w = 4 * tl.arange(0, H)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
     if KIND == "q8_0":  # qs int32 [N, K/4]: lo = block 2v, hi = block 2v + 1 (absent past an odd block count)
         a = tl.load(p0 + r * (K // 4) + 16 * v + w, mask=ok, other=0)
         b = tl.load(p0 + r * (K // 4) + 16 * v + 8 + w, mask=ok & (64 * v + 32 < K), other=0)
@@ -203,7 +205,7 @@ def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr, W: tl.con
         b = tl.load(p1 + r * (K // 32) + v, mask=ok, other=0)
     elif KIND == "q4_k":  # qs int32 [N, K/8]: v = 4 sb + c, 8 words: lo nibbles sub-block 2c, hi nibbles 2c + 1
         a = tl.load(p0 + r * (K // 8) + 8 * v + w, mask=ok, other=0)
-        b = tl.zeros([1, 1, 1], tl.int32)
+        b = tl.zeros([1, 1, 1, 1], tl.int32)
     else:  # q6_k: ql int32 [N, K/8] (4 words a pair), qh int32 [N, K/16]: v = 8 sb + 4 hh + 2 e + h
         a = tl.load(p0 + r * (K // 8) + 4 * v + w, mask=ok, other=0)
         b = tl.load(p1 + r * (K // 16) + 16 * (v // 8) + 8 * ((v // 4) % 2) + 4 * (v % 2) + w, mask=ok, other=0)
@@ -211,14 +213,14 @@ def _pair_words(p0, p1, r, v, ok, K: tl.constexpr, KIND: tl.constexpr, W: tl.con
 
 
 @triton.jit
-def _pair_codes(a, b, v, KIND: tl.constexpr, W: tl.constexpr):
-    """Raw words -> (lo, hi) [V, BN, W]: each unit's codes as W words of bytes (unsigned but for Q8_0)."""
+def _pair_codes(a, b, v, KIND: tl.constexpr):
+    """Raw words -> (lo, hi) [V, BN, H, 4]: each unit's codes as 4H words of bytes (unsigned but for Q8_0)."""
     if KIND == "q8_0":
         return a, b
     lo = a & 0x0F0F0F0F
     hi = (a >> 4) & 0x0F0F0F0F
     if KIND == "q5_0":  # qh bit i: weight i's 5th bit; lo = weights 0..15, hi = 16..31
-        s = 4 * tl.arange(0, W)[None, None, :]
+        s = 4 * tl.arange(0, 4)[None, None, None, :]  # H = 1
         lo |= _spread_bits((b >> s) & 15) << 4
         hi |= _spread_bits((b >> (16 + s)) & 15) << 4
     elif KIND == "q6_k":  # qh bits 2c of group c: lo is group e, hi group e + 2
@@ -246,7 +248,8 @@ def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
     minimum scales b."""
     if KIND == "q8_0":  # f16 d a block
         d = p1 + r * (K // 32)
-        return tl.load(d + 2 * v).to(tl.float32), tl.load(d + tl.minimum(2 * v + 1, K // 32 - 1)).to(tl.float32), 0.0, 0.0
+        lo = tl.load(d + 2 * v).to(tl.float32)
+        return lo, tl.load(d + tl.minimum(2 * v + 1, K // 32 - 1)).to(tl.float32), 0.0, 0.0
     elif KIND == "q5_0":
         d = tl.load(p2 + r * (K // 32) + v).to(tl.float32)
         return d, d, 0.0, 0.0
@@ -271,23 +274,51 @@ def _pair_scales(p1, p2, p3, r, v, K: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
-def _quantize_units(x_row, start, K: tl.constexpr, W: tl.constexpr):
-    """The 4W inputs at each `start` [V] -> (int8 codes round(x / dx) as W words [V, W], dx = max|x| / 127 [V],
-    code sums [V], exact fp32 sums [V]); inputs at or past K read as 0 (all-zero units give zero codes)."""
-    i = tl.arange(0, 4)
-    k = start[:, None, None] + 4 * tl.arange(0, W)[None, :, None] + i[None, None, :]
+def _round_to_int(x, ASM: tl.constexpr):
+    """int32 nearest to x (one `cvt.rni` on the GPU; the interpreter rounds halves up, as good for the bound)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.floor(x + 0.5).to(tl.int32)
+
+
+@triton.jit
+def _pack_bytes(q, ASM: tl.constexpr):
+    """int32 [V, H, 4, 4] of values in -127..127 -> int32 [V, H, 4] holding them as little-endian bytes."""
+    if ASM:  # two byte-packing conversions a word (the 4 values are in one thread)
+        even, odd = tl.split(tl.reshape(q, [q.shape[0], q.shape[1], q.shape[2], 2, 2]))
+        q0, q2 = tl.split(even)
+        q1, q3 = tl.split(odd)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.pack.sat.s8.s32.b32 t, $4, $3, 0; cvt.pack.sat.s8.s32.b32 $0, $2, $1, t; }",
+            "=r,r,r,r,r", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.sum((q & 0xFF) << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)
+
+
+@triton.jit
+def _quantize_units(x_row, start, K: tl.constexpr, H: tl.constexpr, CODE_SUMS: tl.constexpr, SUMS: tl.constexpr,
+                    ASM: tl.constexpr):
+    """The 16H inputs at each `start` [V] -> (int8 codes round(x / dx) as words [V, H, 4], dx = max|x| / 127 [V],
+    code sums [V] if CODE_SUMS, exact fp32 sums [V] if SUMS); inputs at or past K read as 0 (all-zero units give
+    zero codes)."""
+    k = (start[:, None, None, None] + 16 * tl.arange(0, H)[None, :, None, None]
+         + 4 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :])
     x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-    q = tl.floor(x * (127.0 / tl.maximum(amax, 1e-30))[:, None, None] + 0.5).to(tl.int32)
-    words = tl.sum((q & 0xFF) << (8 * i)[None, None, :], axis=2)
-    return words, amax / 127.0, tl.sum(tl.sum(q, axis=2), axis=1), tl.sum(tl.sum(x, axis=2), axis=1)
+    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
+    words = _pack_bytes(_round_to_int(x * (127.0 / tl.maximum(amax, 1e-30))[:, None, None, None], ASM), ASM)
+    code_sums = 0
+    if CODE_SUMS:  # each byte times 1
+        code_sums = tl.sum(tl.sum(_dot4(words, tl.zeros_like(words) + 0x01010101, True, ASM), axis=2), axis=1)
+    sums = 0.0
+    if SUMS:
+        sums = tl.sum(tl.sum(tl.sum(x, axis=3), axis=2), axis=1)
+    return words, amax / 127.0, code_sums, sums
 
 
 @triton.jit
 def _unit_sums(codes, a, b, xw, dx, xq_sum, x_sum, Z: tl.constexpr, SIGNED: tl.constexpr, HAS_MIN: tl.constexpr,
                ASM: tl.constexpr):
     """[V, BN]: a * dx * (codes . xq - Z * sum xq) - b * sum x for one unit of each pair."""
-    dots = tl.sum(_dot4(codes, xw[:, None, :], SIGNED, ASM), axis=2)
+    dots = tl.sum(tl.sum(_dot4(codes, xw[:, None, :, :], SIGNED, ASM), axis=3), axis=2)
     if Z != 0:
         dots -= Z * xq_sum[:, None]
     out = a * dx[:, None] * dots.to(tl.float32)
@@ -299,28 +330,28 @@ def _unit_sums(codes, a, b, xw, dx, xq_sum, x_sum, Z: tl.constexpr, SIGNED: tl.c
 @triton.jit
 def _gemv(x_ptr, p0, p1, p2, p3, y_ptr, N, stride_x, stride_y, K: tl.constexpr, KIND: tl.constexpr,
           BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    W: tl.constexpr = 8 if KIND == "q4_k" or KIND == "q8_0" else 4  # words a unit
-    V: tl.constexpr = CHUNK // (8 * W)  # pairs a chunk
-    NV: tl.constexpr = (K + 8 * W - 1) // (8 * W)  # pairs a row
+    H: tl.constexpr = 2 if KIND == "q4_k" or KIND == "q8_0" else 1  # 16-byte vectors a unit
+    V: tl.constexpr = CHUNK // (32 * H)  # pairs a chunk
+    NV: tl.constexpr = (K + 32 * H - 1) // (32 * H)  # pairs a row
     Z: tl.constexpr = 16 if KIND == "q5_0" else (32 if KIND == "q6_k" else 0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.minimum(rows, N - 1).to(tl.int64)[None, :]
     x_row = x_ptr + tl.program_id(0).to(tl.int64) * stride_x
     vv = tl.arange(0, V)
-    a, b = _pair_words(p0, p1, r[:, :, None], vv[:, None, None], (vv < NV)[:, None, None], K, KIND, W)
+    a, b = _pair_words(p0, p1, r[:, :, None, None], vv[:, None, None, None], (vv < NV)[:, None, None, None], K, KIND, H)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, NV, V):
         v = v0 + vv
         if NV > V:  # the next chunk's words go out before this chunk's math
             nxt = v + V
-            a_next, b_next = _pair_words(p0, p1, r[:, :, None], nxt[:, None, None], (nxt < NV)[:, None, None], K,
-                                         KIND, W)
-        start_lo, start_hi = _pair_offsets(v, KIND)
-        xw_lo, dx_lo, qs_lo, xs_lo = _quantize_units(x_row, start_lo, K, W)
-        xw_hi, dx_hi, qs_hi, xs_hi = _quantize_units(x_row, start_hi, K, W)
+            a_next, b_next = _pair_words(p0, p1, r[:, :, None, None], nxt[:, None, None, None],
+                                         (nxt < NV)[:, None, None, None], K, KIND, H)
         vc = tl.minimum(v, NV - 1)
-        a_lo, a_hi, b_lo, b_hi = _pair_scales(p1, p2, p3, r, vc[:, None], K, KIND)
-        lo, hi = _pair_codes(a, b, vc[:, None, None], KIND, W)
+        a_lo, a_hi, b_lo, b_hi = _pair_scales(p1, p2, p3, r, vc[:, None], K, KIND)  # loads out before the rounding
+        start_lo, start_hi = _pair_offsets(v, KIND)
+        xw_lo, dx_lo, qs_lo, xs_lo = _quantize_units(x_row, start_lo, K, H, Z != 0, KIND == "q4_k", ASM)
+        xw_hi, dx_hi, qs_hi, xs_hi = _quantize_units(x_row, start_hi, K, H, Z != 0, KIND == "q4_k", ASM)
+        lo, hi = _pair_codes(a, b, vc[:, None, None, None], KIND)
         part = _unit_sums(lo, a_lo, b_lo, xw_lo, dx_lo, qs_lo, xs_lo, Z, KIND == "q8_0", KIND == "q4_k", ASM)
         part += _unit_sums(hi, a_hi, b_hi, xw_hi, dx_hi, qs_hi, xs_hi, Z, KIND == "q8_0", KIND == "q4_k", ASM)
         acc += tl.sum(part, axis=0)
@@ -396,12 +427,16 @@ def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
-    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration. Few warps a program: the
-    threads spread over a chunk's pairs (64 for Q4_K's 4096 weights) and hold all BLOCK_N rows, so one rounding
-    of the inputs serves every row. The CPU interpreter runs one program at a time: one wide tile a row."""
+    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration, one pair of units a thread
+    (`num_warps` from CHUNK), each thread holding all BLOCK_N rows so one rounding of its inputs serves them all;
+    more rows where there are enough programs to fill the GPU. The CPU interpreter runs one program at a time:
+    one wide tile a row."""
     if device.type != "cuda":
         return {"BLOCK_N": 64, "CHUNK": 256, "num_warps": 4}
-    return {"BLOCK_N": 4 if w.n <= 2048 else 8, "CHUNK": 4096 if w.k <= 4096 else 2048, "num_warps": 2}
+    pair = 64 if w.kind in ("q4_k", "q8_0") else 32  # weights a pair of units
+    chunk = min(4096 if pair == 64 or w.k <= 4096 else 2048, triton.next_power_of_2(w.k))
+    rows = 16 if w.n >= 8192 and w.k <= 4096 else (8 if w.n >= 4096 else 4)
+    return {"BLOCK_N": rows, "CHUNK": chunk, "num_warps": max(1, chunk // pair // 32)}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Tolerances are bounds, computed per output from the inputs, not fudge factors:
 
 * GEMV rounds each group of `INPUT_GROUP[kind]` inputs to int8 codes of step `dx = max|x| / 127` (at most `dx / 2`
-  off) and its integer dot products are exact, so `|y - ref| <= sum_k |s_g q_k| dx_k / 2` where `s_g q_k` is the weight's code
-  term (`nbllm.gguf.repack` splits each weight into it and the offset, which the kernel multiplies exactly), plus
-  fp32 summation slack (1e-5 of `|x| @ |W|^T`).
+  off) and its integer dot products are exact, so `|y - ref| <= sum_k |s_g q_k| dx_k / 2` where `s_g q_k` is the
+  weight's code term (`nbllm.gguf.repack` splits each weight into it and the offset, which the kernel multiplies
+  exactly), plus fp32 summation slack (1e-5 of `|x| @ |W|^T`).
 * GEMM multiplies W rounded to x's dtype: bf16 is off by at most 2^-9 relative per weight (`2^-9 |x| @ |W|^T`),
   fp32 multiplies exactly (slack as above); a bf16 output adds its own rounding (2^-8 |ref|).
 
