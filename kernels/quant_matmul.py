@@ -427,16 +427,15 @@ def _flat(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def gemv_config(w: PackedWeight, device: torch.device) -> dict[str, int]:
-    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration, one pair of units a thread
-    (`num_warps` from CHUNK), each thread holding all BLOCK_N rows so one rounding of its inputs serves them all;
-    more rows where there are enough programs to fill the GPU. The CPU interpreter runs one program at a time:
-    one wide tile a row."""
+    """Launch shape: BLOCK_N rows a program, CHUNK weights of each row an iteration. The H200 sweep over
+    Llama-3-8B's Q4_K_M matrices (`benchmarks/gpu_quant_gemv.py --sweep`, RESULTS.md) found 8 rows best
+    everywhere, the whole row of 4096 at once with 4 warps, and chunks of 2048 with 2 warps for 14336. The CPU
+    interpreter runs one program at a time: one wide tile a row."""
     if device.type != "cuda":
         return {"BLOCK_N": 64, "CHUNK": 256, "num_warps": 4}
-    pair = 64 if w.kind in ("q4_k", "q8_0") else 32  # weights a pair of units
-    chunk = min(4096 if pair == 64 or w.k <= 4096 else 2048, triton.next_power_of_2(w.k))
-    rows = 16 if w.n >= 8192 and w.k <= 4096 else (8 if w.n >= 4096 else 4)
-    return {"BLOCK_N": rows, "CHUNK": chunk, "num_warps": max(1, chunk // pair // 32)}
+    if w.k <= 4096:
+        return {"BLOCK_N": 8, "CHUNK": triton.next_power_of_2(w.k), "num_warps": 4}
+    return {"BLOCK_N": 8, "CHUNK": 2048, "num_warps": 2}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, *, config: dict[str, int] | None = None) -> torch.Tensor:
