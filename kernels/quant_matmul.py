@@ -171,10 +171,10 @@ def _spread_bits(nib):
 # --------------------------------------------------------------------------------------------------- GEMV kernel
 # One body for every type. A row's weights are walked in pairs of units: pair v has a "lo" and a "hi" unit whose
 # codes come from the same words (the low and high nibbles of Q4_K/Q5_0/Q6_K; two blocks of Q8_0), so each
-# weight byte is loaded once. A unit is W words of 4 byte codes with one scale: 32 weights for Q4_K (a
-# sub-block) and Q8_0 (a block), 16 for Q5_0 (half a block: its nibbles split it so) and Q6_K (a scale's 16).
-# Per type (`_pair_words`, `_pair_codes`, `_pair_offsets`, `_pair_scales`): which words hold pair v, how they
-# decode to W words of byte codes per unit, where each unit's inputs sit in x, and each unit's scale `a` (code
+# weight byte is loaded once. A unit is H 16-byte vectors of byte codes with one scale: 32 weights (H = 2) for
+# Q4_K (a sub-block) and Q8_0 (a block), 16 (H = 1) for Q5_0 (half a block: its nibbles split it so) and Q6_K (a
+# scale's 16). Per type (`_pair_words`, `_pair_codes`, `_pair_offsets`, `_pair_scales`): which words hold pair v,
+# how they decode to the units' code words, where each unit's inputs sit in x, and each unit's scale `a` (code
 # term) and `b` (Q4_K's minimum). A unit contributes `a * dx * (sum_k q_k xq_k - Z * sum_k xq_k) - b * sum_k x_k`
 # (Z: the type's code offset; xq: the unit's inputs rounded to int8 with step dx).
 #
@@ -182,11 +182,11 @@ def _spread_bits(nib):
 # tile's weights from L2. Each program walks K in chunks of CHUNK weights (all of K at once where it fits): the
 # next chunk's code words are loaded before this chunk's math (by hand: Triton pipelines only loads that feed
 # `tl.dot`), and the chunk's inputs are rounded to int8 in registers (`_quantize_units`) while the weights are in
-# flight. Tiles are [pairs, rows, words]: Triton then spreads the pairs over the threads and keeps a thread's
-# rows in its registers, so each thread rounds the inputs of its own pairs and reuses them for every row (no
-# exchange through shared memory). Pairs past the row are masked (a zero input contributes nothing; their scale
-# loads are clamped). K is a compile-time constant: a model has two or three distinct K, and Triton's
-# interpreter cannot loop up to a run-time argument (numpy 2.4).
+# flight. Tiles are [pairs, rows, vectors, words]: Triton then spreads the pairs over the threads (the warps
+# beyond a chunk's pairs split the rows) and keeps a thread's rows and vectors in its registers, so each thread
+# rounds the inputs of its own pair and reuses them for its rows (no shuffles). Pairs past the row are masked
+# (a zero input contributes nothing; their scale loads are clamped). K is a compile-time constant: a model has
+# two or three distinct K, and Triton's interpreter cannot loop up to a run-time argument (numpy 2.4).
 
 #: Inputs per int8 rounding group on the GEMV path, by type: one group per weight unit.
 INPUT_GROUP: dict[str, int] = {"q4_k": 32, "q8_0": 32, "q5_0": 16, "q6_k": 16}
