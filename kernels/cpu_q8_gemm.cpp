@@ -24,10 +24,12 @@
 // Codes are stored unsigned, u = q + bias, in as few bits as the weight needs (decode reads every weight once a
 // token, so bytes are time): 8 bits (bias 128), 4 bits (Q4_K's 0..15, Q4_0's -8..7) or 5 bits (Q5_0's -16..15:
 // 4-bit nibbles plus a plane of high bits) -- the GGUF file's own widths. A 64-byte vector of nibbles holds two
-// steps (low nibbles the even one); the high bits of a step are one 64-bit word, bit i for byte i. Each group's
+// steps (low nibbles the even one); a group's high bits are one 64-byte vector, bit s of byte i for byte i of
+// step s (a shift and a mask put them in place, in the same byte, whatever the vector width). Each group's
 // dot products start from -bias * sum(x), so they sum q * x exactly whatever the width.
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu_pool.h"
@@ -107,10 +109,10 @@ inline void split_nibbles(I16 v, I16& lo, I16& hi) {
     lo = {_mm512_and_si512(v.v, mask)};
     hi = {_mm512_and_si512(_mm512_srli_epi16(v.v, 4), mask)};
 }
-inline I16 add_high_bits(I16 v, const uint8_t* bits) {  // +16 on the bytes whose bit is set
-    uint64_t word;
-    std::memcpy(&word, bits, 8);
-    return {_mm512_mask_add_epi8(v.v, _cvtu64_mask64(word), v.v, _mm512_set1_epi8(16))};
+template <int S>  // v | 16 * (bit S of each byte of `high`)
+inline I16 add_high_bits(I16 v, I16 high) {
+    const __m512i moved = S >= 4 ? _mm512_srli_epi16(high.v, S - 4) : _mm512_slli_epi16(high.v, 4 - S);
+    return {_mm512_ternarylogic_epi32(v.v, moved, _mm512_set1_epi8(0x10), 0xF8)};  // a | (b & c)
 }
 inline I16 broadcast4(const int8_t* p) {
     int32_t v;
@@ -154,19 +156,14 @@ inline void split_nibbles(I16 v, I16& lo, I16& hi) {
     lo = {_mm256_and_si256(v.lo, mask), _mm256_and_si256(v.hi, mask)};
     hi = {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), mask), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), mask)};
 }
-inline __m256i sixteen_where_set(uint32_t bits) {  // byte i: 16 if bit i is set, else 0
-    const __m256i spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(static_cast<int32_t>(bits)),
-        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-    return _mm256_and_si256(set, _mm256_set1_epi8(16));
+template <int S>
+inline __m256i add_high_bits8(__m256i v, __m256i high) {
+    const __m256i moved = S >= 4 ? _mm256_srli_epi16(high, S - 4) : _mm256_slli_epi16(high, 4 - S);
+    return _mm256_or_si256(v, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)));
 }
-inline I16 add_high_bits(I16 v, const uint8_t* bits) {
-    uint64_t word;
-    std::memcpy(&word, bits, 8);
-    return {_mm256_add_epi8(v.lo, sixteen_where_set(static_cast<uint32_t>(word))),
-            _mm256_add_epi8(v.hi, sixteen_where_set(static_cast<uint32_t>(word >> 32)))};
+template <int S>  // v | 16 * (bit S of each byte of `high`)
+inline I16 add_high_bits(I16 v, I16 high) {
+    return {add_high_bits8<S>(v.lo, high.lo), add_high_bits8<S>(v.hi, high.hi)};
 }
 inline I16 broadcast4(const int8_t* p) {
     int32_t v;
@@ -214,24 +211,23 @@ struct PanelLayout {
     int64_t G, groups, scale_bytes;
     bool offsets;
     int width, bias;
-    int64_t code_bytes() const { return kLanes * G * width / 8; }
+    int64_t code_bytes() const { return width == kBits5 ? kLanes * G / 2 + 64 : kLanes * G * width / 8; }
     int64_t group_bytes() const { return code_bytes() + kLanes * (scale_bytes + (offsets ? 4 : 0)); }
     int64_t panel_bytes() const { return groups * group_bytes(); }
 };
 
-// Steps 2j and 2j + 1 of a group's codes (`group` its first byte; G codes a row).
-template <int W, int G>
-inline void load_pair(const uint8_t* group, int64_t j, I16& even, I16& odd) {
+// Steps 2J and 2J + 1 of a group's codes (`group` its first byte; `high` its high bits, for 5-bit codes).
+template <int W, int J>
+inline void load_pair(const uint8_t* group, I16 high, I16& even, I16& odd) {
     if (W == kBits8) {
-        even = load_codes(group + 2 * j * 64);
-        odd = load_codes(group + (2 * j + 1) * 64);
+        even = load_codes(group + 2 * J * 64);
+        odd = load_codes(group + (2 * J + 1) * 64);
         return;
     }
-    split_nibbles(load_codes(group + j * 64), even, odd);
+    split_nibbles(load_codes(group + J * 64), even, odd);
     if (W == kBits5) {
-        const uint8_t* high = group + kLanes * G / 2;  // after the group's nibbles: one 8-byte word a step
-        even = add_high_bits(even, high + 2 * j * 8);
-        odd = add_high_bits(odd, high + (2 * j + 1) * 8);
+        even = add_high_bits<2 * J>(even, high);
+        odd = add_high_bits<2 * J + 1>(odd, high);
     }
 }
 
@@ -240,7 +236,27 @@ inline I16 dot_codes(I16 acc, I16 u, I16 s) {
     return W == kBits8 ? dot_int8(acc, u, s) : dot(acc, u, s);
 }
 
+// Steps 2J and 2J + 1 of a group for P panels (`groups`) and C activation rows (`x`, row stride K).
+template <int P, int C, int W, int J>
+inline void pair_step(const uint8_t* const* groups, const I16* high, const int8_t* x, int64_t K, I16 (&part)[P][C]) {
+    I16 even[P], odd[P];
+    for (int p = 0; p < P; ++p) {
+        load_pair<W, J>(groups[p], high[p], even[p], odd[p]);
+    }
+    for (int c = 0; c < C; ++c) {
+        const I16 x0 = broadcast4(x + c * K + 8 * J), x1 = broadcast4(x + c * K + 8 * J + 4);
+        for (int p = 0; p < P; ++p) part[p][c] = dot_codes<W>(dot_codes<W>(part[p][c], even[p], x0), odd[p], x1);
+    }
+}
+
+template <int P, int C, int W, int... J>  // every pair of steps of a group, unrolled (the high bits' shifts are constants)
+inline void group_steps(std::integer_sequence<int, J...>, const uint8_t* const* groups, const I16* high,
+                        const int8_t* x, int64_t K, I16 (&part)[P][C]) {
+    (pair_step<P, C, W, J>(groups, high, x, K, part), ...);
+}
+
 constexpr int kPanels = 2;  // weight panels per tile (32 rows)
+constexpr int64_t kPrefetch = 4096;  // bytes a panel's stream is requested ahead of its use
 constexpr int kCols = 4;    // activation rows per tile
 
 // P panels (`panel`, stride `stride` bytes; rows[p] valid rows each) times C activation rows from m0.
@@ -259,19 +275,16 @@ inline void tile(const Activations& a, int64_t m0, const uint8_t* panel, int64_t
             const I16 start = splat(-bias * a.sum[(m0 + c) * a.groups + g]);
             for (int p = 0; p < P; ++p) part[p][c] = start;
         }
-        const int8_t* xg = a.q.data() + m0 * a.K + g * G;
-        for (int64_t j = 0; j < G / 8; ++j) {
-            I16 even[P], odd[P];
-            for (int p = 0; p < P; ++p) {
-                const uint8_t* group = panel + p * stride + g * group_bytes;
-                _mm_prefetch(reinterpret_cast<const char*>(group + j * 64 + 4096), _MM_HINT_T0);
-                load_pair<W, G>(group, j, even[p], odd[p]);
-            }
-            for (int c = 0; c < C; ++c) {
-                const I16 x0 = broadcast4(xg + c * a.K + 8 * j), x1 = broadcast4(xg + c * a.K + 8 * j + 4);
-                for (int p = 0; p < P; ++p) part[p][c] = dot_codes<W>(dot_codes<W>(part[p][c], even[p], x0), odd[p], x1);
-            }
+        const uint8_t* groups[P];
+        I16 high[P];
+        for (int p = 0; p < P; ++p) {
+            groups[p] = panel + p * stride + g * group_bytes;
+            for (int64_t line = 0; line < group_bytes; line += 64)  // the group kPrefetch bytes ahead
+                _mm_prefetch(reinterpret_cast<const char*>(groups[p] + kPrefetch + line), _MM_HINT_T0);
+            high[p] = W == kBits5 ? load_codes(groups[p] + kLanes * G / 2) : splat(0);
         }
+        group_steps<P, C, W>(std::make_integer_sequence<int, G / 8>{}, groups, high,
+                             a.q.data() + m0 * a.K + g * G, a.K, part);
         for (int p = 0; p < P; ++p) {
             const uint8_t* tail = panel + p * stride + g * group_bytes + code_bytes;
             const F16 scale = fload(reinterpret_cast<const S*>(tail));
@@ -356,11 +369,8 @@ void put_codes(uint8_t* group, int64_t G, int width, int64_t r, const uint8_t* u
             group[j * 64 + r * 4 + k] = static_cast<uint8_t>((u[8 * j + k] & 0x0F) | (u[8 * j + 4 + k] & 0x0F) << 4);
     if (width == kBits5) {
         uint8_t* high = group + kLanes * G / 2;
-        for (int64_t step = 0; step < G / 4; ++step) {
-            int bits = 0;
-            for (int64_t k = 0; k < 4; ++k) bits |= (u[4 * step + k] >> 4 & 1) << k;
-            high[step * 8 + r / 2] |= static_cast<uint8_t>(bits << (r % 2 * 4));  // bit r * 4 + k of the word
-        }
+        for (int64_t k = 0; k < G; ++k)  // bit (step) of byte (lane)
+            high[r * 4 + k % 4] |= static_cast<uint8_t>((u[k] >> 4 & 1) << (k / 4));
     }
 }
 
