@@ -7,6 +7,8 @@
   (b) batch-1 greedy decode tok/s against the memory roofline: weight bytes / device-to-device copy bandwidth
       measured in the same run (bytes read + written per second of a 1 GiB copy).
   (c) prefix-cache hits: requests sharing a long system prompt, prefix caching on vs off.
+  (d) the decode attention kernel alone at batch 256, per launch setting.
+  (e) batch-1 projections alone: cuBLAS against the decode GEMV (`nbllm.kernels.gemv`) per launch setting.
 
 Models are built in code with random bf16 weights (no hub): Qwen3-0.6B (hidden 1024, intermediate 3072, 28
 layers, 16 heads, 8 KV heads, head dim 128, vocab 151,936, tied embeddings, rope theta 1e6) and Llama-3-8B
@@ -284,7 +286,7 @@ def batch1_decode(engine: EngineCore, prompt_len: int = 128, tokens: int = 512) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="a,b,c,d")
+    parser.add_argument("--only", default="a,b,c,d,e")
     parser.add_argument("--models", default="qwen3-0.6b,llama3-8b")
     parser.add_argument("--hf-requests", type=int, default=32, help="0 skips transformers")
     parser.add_argument("--profile", default="", help="write torch.profiler tables to PATH.<model>.batch*.txt")
@@ -353,6 +355,9 @@ def main() -> None:
             if args.profile:
                 profile_batch1(engine, f"{args.profile}.{name}.batch1.txt")
             del engine
+        if "e" in parts:
+            rows.extend((name, measure, result) for measure, result in gemv_sweep(config, bandwidth))
+            print(*rows[-5:], sep="\n", flush=True)
         if "d" in parts and name == "qwen3-0.6b":
             rows.extend((name, measure, result) for measure, result in decode_kernel_sweep(config, bandwidth))
             print(rows[-1], flush=True)
@@ -442,6 +447,46 @@ def decode_kernel_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str
         t = statistics.median(times)
         results.append((f"(d) decode attention B=256 ctx 100-1024, splits={splits} block_n={block_n} warps={warps}",
                         f"{t * 1e3:.3f} ms, {kv_bytes / t / 1e9:,.0f} GB/s of K/V ({kv_bytes / t / bandwidth:.0%} of copy)"))
+    return results
+
+
+def gemv_sweep(config: ModelConfig, bandwidth: float) -> list[tuple[str, str]]:
+    """(e) A decode layer's projections and the head at batch 1: cuBLAS against the Triton GEMV per launch
+    setting (auto: the kernel's own), and the share of the copy bandwidth each reaches. Each timing is a graph of
+    launches over enough weight copies (>= 256 MB) that L2 holds none."""
+    from nbllm.kernels.gemv import gemv
+
+    dev = torch.device("cuda")
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {"qkv": (q + 2 * kv, c.hidden_size), "o": (c.hidden_size, q), "gate_up": (2 * c.intermediate_size,
+              c.hidden_size), "down": (c.hidden_size, c.intermediate_size), "head": (c.vocab_size, c.hidden_size)}
+    settings: list[tuple[str, dict[str, int]]] = [("auto", {}), ("warps=8", {"num_warps": 8})]
+    settings += [(f"block_n={bn}", {"block_n": bn}) for bn in (8, 16, 32)]
+    results = []
+    for name, (n, k) in shapes.items():
+        nbytes = n * k * 2
+        copies = max(1, -(-256 * 2**20 // nbytes))
+        weights = [torch.randn((n, k), dtype=torch.bfloat16, device=dev) for _ in range(copies)]
+        x = torch.randn((1, k), dtype=torch.bfloat16, device=dev)
+        timings = []
+        for label, launch in [("cuBLAS", None), *settings]:
+            def step(launch: dict[str, int] | None = launch) -> None:
+                for w in weights:
+                    if launch is None:
+                        torch.nn.functional.linear(x, w)
+                    else:
+                        gemv(x, w, **launch)
+
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            t = median_replay_seconds(graph, 20) / copies
+            timings.append(f"{label} {t * 1e6:.1f} us {nbytes / t / 1e9:,.0f} GB/s ({nbytes / t / bandwidth:.0%})")
+            del graph
+        results.append((f"(e) {name} {n}x{k} batch 1 ({nbytes / 1e6:.1f} MB)", "; ".join(timings)))
+        del weights
     return results
 
 

@@ -7,7 +7,9 @@ One program per token covers all of its heads.
 
 `rotary_qk` is what attention layers call on a GPU: q and k in one launch, each head first RMS-normalised when
 the model has per-head q/k norms (Qwen3, Gemma 3), the normalised value rounded to the input's type as the
-separate norm would. A decode step of a 28-layer model launches 28 of these instead of 28 x 6 kernels.
+separate norm would. A decode step of a 28-layer model launches 28 of these instead of 28 x 6 kernels. Given the
+paged KV pools and the step's slots, the same launch also writes the rotated keys and the values there
+(`store_kv`'s job: slot -1 writes nothing), one launch a layer fewer.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, out_ptr, w_ptr, t, c, s, stride_xt, stride_xh, stride_ot, stride_oh, eps,
-                     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     NORM: tl.constexpr):
+def _norm_rope_heads(x_ptr, out_ptr, w_ptr, cache_ptr, slot, t, c, s, stride_xt, stride_xh, stride_ot, stride_oh,
+                     eps, HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     NORM: tl.constexpr, STORE: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     ok = (heads < HEADS)[:, None] & (dims < HALF)[None, :]
@@ -75,38 +77,64 @@ def _norm_rope_heads(x_ptr, out_ptr, w_ptr, t, c, s, stride_xt, stride_xh, strid
         w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
         x1 = (x1 * rstd[:, None] * w1[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
         x2 = (x2 * rstd[:, None] * w2[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y1 = (x1 * c - x2 * s).to(out_ptr.dtype.element_ty)
+    y2 = (x2 * c + x1 * s).to(out_ptr.dtype.element_ty)
     dst = out_ptr + t * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-    tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(dst + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst, y1, mask=ok)
+    tl.store(dst + HALF, y2, mask=ok)
+    if STORE:
+        if slot >= 0:  # the pool's slot rows are [HEADS, 2 * HALF], contiguous
+            row = cache_ptr + slot * (HEADS * 2 * HALF) + heads[:, None] * (2 * HALF) + dims[None, :]
+            tl.store(row, y1.to(cache_ptr.dtype.element_ty), mask=ok)
+            tl.store(row + HALF, y2.to(cache_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr,
+               v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-               stride_c, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_Q: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+               stride_vt, stride_vh, stride_c, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+               STORE: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     c = tl.load(cos_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
     if tl.program_id(1) == 0:
-        _norm_rope_heads(q_ptr, q_out_ptr, qw_ptr, t, c, s, stride_qt, stride_qh, stride_qot, stride_qoh, eps,
-                         HQ, HALF, BLOCK_Q, BLOCK_D, NORM)
+        _norm_rope_heads(q_ptr, q_out_ptr, qw_ptr, q_out_ptr, -1, t, c, s, stride_qt, stride_qh, stride_qot,
+                         stride_qoh, eps, HQ, HALF, BLOCK_Q, BLOCK_D, NORM, False)
     else:
-        _norm_rope_heads(k_ptr, k_out_ptr, kw_ptr, t, c, s, stride_kt, stride_kh, stride_kot, stride_koh, eps,
-                         HKV, HALF, BLOCK_K, BLOCK_D, NORM)
+        slot = -1
+        if STORE:
+            slot = tl.load(slots_ptr + t).to(tl.int64)
+        _norm_rope_heads(k_ptr, k_out_ptr, kw_ptr, k_cache_ptr, slot, t, c, s, stride_kt, stride_kh, stride_kot,
+                         stride_koh, eps, HKV, HALF, BLOCK_K, BLOCK_D, NORM, STORE)
+        if STORE:
+            if slot >= 0:  # the values ride along: copied as they are
+                heads = tl.arange(0, BLOCK_K)[:, None]
+                cols = tl.arange(0, 2 * BLOCK_D)[None, :]
+                ok = (heads < HKV) & (cols < 2 * HALF)
+                v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + cols, mask=ok)
+                tl.store(v_cache_ptr + slot * (HKV * 2 * HALF) + heads * (2 * HALF) + cols,
+                         v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-              q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-              eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0,
+              store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate `q: [T, Hq, D]` and `k: [T, Hkv, D]` (each head RMS-normalised first with `q_weight`/`k_weight`
-    when given) -> new contiguous `(q, k)`."""
+    when given) -> new contiguous `(q, k)`. `store = (v, k_cache, v_cache, slot_mapping)` also writes the rotated
+    keys and `v: [T, Hkv, D]` into the pools `[num_blocks, block_size, Hkv, D]` (as `store_kv` does)."""
     tokens, hq, d = q.shape
     hkv = k.shape[1]
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
         raise ValueError("rotary_qk needs q's and k's last dimension and the cos/sin tables contiguous")
+    if store is not None and (store[0].stride(2) != 1 or not store[1].is_contiguous()
+                              or not store[2].is_contiguous()):
+        raise ValueError("rotary_qk's store needs v's last dimension and the KV pools contiguous")
+    v, k_cache, v_cache, slots = store if store is not None else (k, k, k, positions)
     norm = q_weight is not None
     q_out = torch.empty((tokens, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((tokens, hkv, d), dtype=k.dtype, device=k.device)
@@ -114,8 +142,9 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: to
         half = d // 2
         _qk_kernel[(tokens, 2)](
             q, k, q_out, k_out, q_weight if norm else q, k_weight if norm else k, positions, cos, sin,
+            v, k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
-            k_out.stride(0), k_out.stride(1), cos.stride(0), eps, HQ=hq, HKV=hkv, HALF=half,
-            BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hkv),
-            BLOCK_D=triton.next_power_of_2(half), NORM=norm, num_warps=4)
+            k_out.stride(0), k_out.stride(1), v.stride(0), v.stride(1), cos.stride(0), eps, HQ=hq, HKV=hkv,
+            HALF=half, BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hkv),
+            BLOCK_D=triton.next_power_of_2(half), NORM=norm, STORE=store is not None, num_warps=4)
     return q_out, k_out

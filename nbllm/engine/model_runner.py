@@ -130,13 +130,18 @@ class TritonPagedAttention:
     max_query_len: int = 1
     num_splits: int | None = None
 
+    def kv_destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s pools and this step's slots, for a layer that stores its K/V in its rotary kernel."""
+        return self.pool.k[layer], self.pool.v[layer], self.slot_mapping
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, stored: bool = False) -> torch.Tensor:
         from nbllm.kernels import decode_attention, extend_attention
         from nbllm.kernels import store_kv as triton_store
 
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        triton_store.store_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        if not stored:
+            triton_store.store_kv(k_cache, v_cache, k, v, self.slot_mapping)
         if self.num_splits is not None:
             return decode_attention.decode_attention(
                 q, k_cache, v_cache, block_tables=self.block_tables, context_lens=self.context_lens, scale=scale,

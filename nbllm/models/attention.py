@@ -19,6 +19,10 @@ from nbllm.errors import NbllmError
 
 
 class AttentionBackend(Protocol):
+    """What an attention layer calls. A paged CUDA backend may also offer `kv_destination(layer)`, returning
+    `(k_cache, v_cache, slot_mapping)`: the layer then writes its K/V itself, fused into its rotary kernel, and
+    calls `forward(..., stored=True)`."""
+
     def forward(
         self,
         layer: int,

@@ -48,9 +48,63 @@ class Linear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gemv_serves(self, x):
+            from nbllm.kernels.gemv import gemv
+
+            return gemv(x, self.weight, self.bias)
         if self.round_input is not None:
             x = self.round_input(x)
         return F.linear(x, self.weight, self.bias)
+
+
+def _gemv_serves(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `linear(x)` runs as the Triton GEMV (`nbllm.kernels.gemv`): a plain dense linear on CUDA over a
+    decode-sized batch (at most `MAX_ROWS` rows; a GEMM's weight reuse makes cuBLAS the better choice beyond)."""
+    if not (x.is_cuda and type(linear) is Linear and linear.round_input is None and x.dim() == 2):
+        return False
+    from nbllm.kernels import gemv
+
+    return gemv.supports(x, linear.weight)
+
+
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act(gate) * up` of a fused `[T, 2I]` gate/up output: one Triton pass on CUDA, one C++ pass on the CPU."""
+    if gate_up.is_cuda:
+        from nbllm.kernels.activation import gated_activation
+
+        return gated_activation(gate_up, activation)
+    if cpu_activation.supports(gate_up, activation):
+        return cpu_activation.gated_activation(gate_up, activation)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _ACTIVATIONS[activation](gate) * up
+
+
+def project(linear: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = None, activation: str | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(prologue(x)) + residual`, the prologue `norm(x)` or, for a fused `[T, 2I]` gate/up `x`,
+    `gated(x, activation)`.
+
+    At decode sizes on CUDA the whole expression is one GEMV launch (the norm or activation folded into how it
+    reads x, the residual into how it writes y) instead of three; a norm with numerics of its own (a subclass)
+    or another kind of linear (quantized, tensor-parallel) runs the steps one by one. Larger CUDA batches fold
+    the residual into cuBLAS's epilogue (`addmm`).
+    """
+    fusable_norm = norm is None or type(norm) is RMSNorm
+    if fusable_norm and _gemv_serves(linear, x[:, : x.shape[1] // 2] if activation else x) and (
+            residual is None or residual.dtype == x.dtype):
+        from nbllm.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias, norm_weight=None if norm is None else norm.weight,
+                    eps=0.0 if norm is None else norm.eps, activation=activation, residual=residual)
+    if norm is not None:
+        x = norm(x)
+    if activation is not None:
+        x = gated(x, activation)
+    if residual is None:
+        return linear(x)
+    if x.is_cuda and type(linear) is Linear and linear.round_input is None and linear.bias is None and x.dim() == 2:
+        return torch.addmm(residual, x, linear.weight.t())
+    return linear(x) + residual
 
 
 class RMSNorm(nn.Module):
@@ -151,23 +205,23 @@ class GatedMLP(nn.Module):
         if fused is not None:
             self.gate_up, self.gate, self.up = fused, None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`down(act(gate(x')) * up(x')) + residual`, `x' = norm(x)` (both optional: `project` fuses them)."""
         if self.gate_up is not None:
-            gate_up = self.gate_up(x)
-            if gate_up.is_cuda:  # act(gate) * up in one Triton pass
-                from nbllm.kernels.activation import gated_activation
-
-                return self.down(gated_activation(gate_up, self.activation))
-            if cpu_activation.supports(gate_up, self.activation):  # one C++ pass
-                return self.down(cpu_activation.gated_activation(gate_up, self.activation))
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
-        return self.down(self.act(self.gate(x)) * self.up(x))
+            return project(self.down, project(self.gate_up, x, norm=norm), activation=self.activation,
+                           residual=residual)
+        if norm is not None:
+            x = norm(x)
+        out = self.down(self.act(self.gate(x)) * self.up(x))
+        return out if residual is None else out + residual
 
 
 def _concat_linears(parts: tuple[Linear, ...], dense: bool) -> Linear | None:
     """One linear whose output is the parts' outputs side by side, or None where they cannot be joined: parts of
     different kinds, dense parts when `dense` is False, llama.cpp activation rounding, a bias on only some parts."""
+    if any(p is None for p in parts):  # already joined (a second runner over the same model)
+        return None
     biases = [p.bias for p in parts]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
@@ -225,22 +279,30 @@ class Attention(nn.Module):
         return type(self.rotary) is RotaryEmbedding and (
             self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, *,
+                norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`o_proj(attention(x')) + residual`, `x' = norm(x)` (both optional: `project` fuses them)."""
         t = x.shape[0]
         if self.qkv_proj is not None:
             q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+            q, k, v = project(self.qkv_proj, x, norm=norm).split((q_dim, kv_dim, kv_dim), dim=-1)
         else:
+            if norm is not None:
+                x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if x.is_cuda:  # per-head norms and rotary of q and k in one Triton launch
+        stored = False
+        if x.is_cuda:  # per-head norms and rotary of q and k, and the K/V store where it can, in one Triton launch
             from nbllm.kernels.rotary import rotary_qk
 
             norms = {} if self.q_norm is None else {
                 "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
-            q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms)
+            destination = getattr(attn, "kv_destination", None)  # optional (`AttentionBackend`)
+            store = None if destination is None else (v, *destination(self.layer))
+            q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms, store=store)
+            stored = store is not None
         elif self._plain_rope_and_norms() and cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(
                 k, self.rotary.cos):
             rope = (positions, self.rotary.cos, self.rotary.sin)
@@ -253,5 +315,6 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        extra = {"stored": True} if stored else {}
+        out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window, **extra)
+        return project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim), residual=residual)
