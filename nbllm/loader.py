@@ -90,7 +90,8 @@ class GGUFWeights(WeightSource):
         """With `packed_on_gpu` (offloaded GPU layers), a weight of a type the Triton kernels read keeps its GGUF
         bits (`GGUFLinear`: a quarter of bf16's bytes for Q4_K); everything else as `WeightSource.linear` builds
         it. The token table stays dense: it is also the embedding lookup. A whole-model GPU load stays dense: the
-        packed GEMV runs at 19% of its roofline and the GEMM below bf16's speed so far (benchmarks/RESULTS.md)."""
+        packed GEMV beats bf16 at decode (41% of its roofline, 1.7x bf16 on the 8B shape) but the packed GEMM is
+        8-10x slower than bf16 at prefill so far (benchmarks/RESULTS.md)."""
         name = f"{prefix}.weight"
         if (self.device.type != "cuda" or not self.packed_on_gpu or prefix == "token_embd" or self.llamacpp_numerics
                 or not self.has(name) or self.ggml_type(name) not in _gpu_kernel_types()):
