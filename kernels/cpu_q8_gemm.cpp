@@ -206,7 +206,8 @@ inline void store(float* p, F16 a, int64_t n) {
 // How a panel stores its codes (bits per code).
 enum Width : int { kBits8 = 8, kBits4 = 4, kBits5 = 5 };
 
-// Where a panel's parts lie: per group, codes (16 * G * bits / 8 bytes), 16 scales, then 16 offsets if any.
+// Where a panel's parts lie: per group, its codes (16 * G bytes at 8 bits, 16 * G / 2 at 4, and 64 more bytes of
+// high bits at 5), then 16 scales, then 16 offsets if the weight has them.
 struct PanelLayout {
     int64_t G, groups, scale_bytes;
     bool offsets;
@@ -240,9 +241,7 @@ inline I16 dot_codes(I16 acc, I16 u, I16 s) {
 template <int P, int C, int W, int J>
 inline void pair_step(const uint8_t* const* groups, const I16* high, const int8_t* x, int64_t K, I16 (&part)[P][C]) {
     I16 even[P], odd[P];
-    for (int p = 0; p < P; ++p) {
-        load_pair<W, J>(groups[p], high[p], even[p], odd[p]);
-    }
+    for (int p = 0; p < P; ++p) load_pair<W, J>(groups[p], high[p], even[p], odd[p]);
     for (int c = 0; c < C; ++c) {
         const I16 x0 = broadcast4(x + c * K + 8 * J), x1 = broadcast4(x + c * K + 8 * J + 4);
         for (int p = 0; p < P; ++p) part[p][c] = dot_codes<W>(dot_codes<W>(part[p][c], even[p], x0), odd[p], x1);
@@ -255,9 +254,9 @@ inline void group_steps(std::integer_sequence<int, J...>, const uint8_t* const* 
     (pair_step<P, C, W, J>(groups, high, x, K, part), ...);
 }
 
-constexpr int kPanels = 2;  // weight panels per tile (32 rows)
+constexpr int kPanels = 2;            // weight panels per tile (32 rows)
+constexpr int kCols = 4;              // activation rows per tile
 constexpr int64_t kPrefetch = 4096;  // bytes a panel's stream is requested ahead of its use
-constexpr int kCols = 4;    // activation rows per tile
 
 // P panels (`panel`, stride `stride` bytes; rows[p] valid rows each) times C activation rows from m0.
 template <int P, int C, int G, typename S, bool Offsets, int W>
