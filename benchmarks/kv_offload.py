@@ -12,14 +12,19 @@ bit-identical K/V, and re-prefilling a history (no tier) computes the same bits 
 token the same result whatever chunk it is computed in.
 
     nice -n 19 python benchmarks/kv_offload.py [--users 3] [--turns 3] [--doc 256] [--question 24] [--answer 8]
-                                               [--device cpu|cuda] [--threads 2]
+                                               [--device cpu|cuda] [--threads 2] [--model PATH|random]
+
+`--model random` writes a Qwen3-0.6B-shaped GGUF of random Q8_0 weights first (`layer_offload.write_random_gguf`):
+the GPU machine has no default model package.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,8 +72,25 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="a model path (default: the embedded model) or 'random'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model == "random":
+            from gpu_throughput import HF_CONFIGS
+            from layer_offload import Q, write_random_gguf
+
+            from nbllm.models.config import ModelConfig
+
+            model = str(Path(tmp) / "qwen3-0.6b-random-q8_0.gguf")
+            write_random_gguf(Path(model), ModelConfig.from_hf_config(HF_CONFIGS["qwen3-0.6b"], source="qwen3-0.6b"),
+                              Q.Q8_0)
+        compare(args, model)
+
+
+def compare(args: argparse.Namespace, model: str | None) -> None:
+    """The three configurations on `model` (None: the embedded default), one table row each."""
     longest = args.doc + (args.turns - 1) * args.question + args.turns * args.answer + 1
     small = longest + longest // 4  # about one conversation's history
     configs = [("pool holding everything", dict(kv_cache_tokens=longest * args.users * 2)),
@@ -81,7 +103,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---|")
     reference = None
     for name, options in configs:
-        llm = LLM(device=args.device, **options)
+        llm = LLM(model, device=args.device, **options)
         if reference is None:
             turns = workload(llm, args)
         answers, wall, cpu = run(llm, turns, args.answer)
