@@ -12,6 +12,7 @@ import ctypes
 import torch
 
 from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
+from nbllm.kernels.cpu_memory import weight_bytes
 
 __all__ = ["Int8Gemm", "int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
 
@@ -110,7 +111,7 @@ def _pack_panels(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, group
     """The weight in the int8-activation kernel's own layout (panels of 16 rows; `cpu_q8_gemm.cpp` says why)."""
     n, k = q.shape
     size = function("nbllm_q8_packed_bytes", I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, restype=I)
-    packed = torch.empty(size(n, k, group, half, int(o is not None), width), dtype=torch.uint8)
+    packed = weight_bytes(size(n, k, group, half, int(o is not None), width))
     function("nbllm_q8_pack", P, P, P, I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, ctypes.c_int)(
         q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, half, width, bias, packed.data_ptr(), num_threads())
     return packed
