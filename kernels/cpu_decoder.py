@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nbllm.kernels.cpu_int8_gemm import Int8Gemm
-from nbllm.kernels.cpu_library import I, P, function, num_threads
+from nbllm.kernels.cpu_library import I, P, function, num_threads, ptr
 
 __all__ = ["DecoderLayerWeights", "DecoderStep", "decoder_layers", "layer_array", "layer_struct"]
 
@@ -79,16 +79,12 @@ class DecoderStep:
     v_caches: Sequence[torch.Tensor]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def layer_struct(w: DecoderLayerWeights) -> _Layer:
     """The C struct of a layer's weights (its pools are filled in per step); keep `w` alive while it is used."""
     linears = {name: _Linear(*getattr(w, name).panels) for name in ("qkv", "o", "gate_up", "down")}
-    return _Layer(attn_norm=_ptr(w.attn_norm), post_attn_norm=_ptr(w.post_attn_norm), ffn_norm=_ptr(w.ffn_norm),
-                  post_ffn_norm=_ptr(w.post_ffn_norm), q_norm=_ptr(w.q_norm), k_norm=_ptr(w.k_norm),
-                  cos=_ptr(w.cos), sin=_ptr(w.sin), **linears, heads=w.heads, kv_heads=w.kv_heads,
+    return _Layer(attn_norm=ptr(w.attn_norm), post_attn_norm=ptr(w.post_attn_norm), ffn_norm=ptr(w.ffn_norm),
+                  post_ffn_norm=ptr(w.post_ffn_norm), q_norm=ptr(w.q_norm), k_norm=ptr(w.k_norm),
+                  cos=ptr(w.cos), sin=ptr(w.sin), **linears, heads=w.heads, kv_heads=w.kv_heads,
                   head_dim=w.head_dim, window=w.window or 0, gelu=int(w.gelu), eps=w.eps, scale=w.scale)
 
 

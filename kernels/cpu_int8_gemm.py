@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import torch
 
-from nbllm.kernels.cpu_library import I, P, function, num_threads, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, num_threads, ptr, unavailable_reason
 from nbllm.kernels.cpu_memory import weight_bytes
 
 __all__ = ["Int8Gemm", "int8_dequantize", "int8_linear", "q8_supported", "unavailable_reason"]
@@ -19,10 +19,6 @@ __all__ = ["Int8Gemm", "int8_dequantize", "int8_linear", "q8_supported", "unavai
 
 def _int8_gemm() -> ctypes._CFuncPtr:
     return function("nbllm_int8_gemm", P, I, I, P, P, P, I, I, I, P, I, ctypes.c_int)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _check(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, half_scales: bool = False) -> int:
@@ -70,7 +66,7 @@ class Int8Gemm:
         self.n, self.k = q.shape
         if activation_block is None:
             self._tensors = (q, s, o)  # kept alive: the kernel reads them through raw pointers
-            kernel, weight = _int8_gemm(), (q.data_ptr(), s.data_ptr(), _ptr(o), self.n, self.k, group)
+            kernel, weight = _int8_gemm(), (q.data_ptr(), s.data_ptr(), ptr(o), self.n, self.k, group)
             self._run = lambda x, rows, y: kernel(x, rows, self.k, *weight, y, self.n, num_threads())
             self.panels = None
         else:
@@ -113,7 +109,7 @@ def _pack_panels(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, group
     size = function("nbllm_q8_packed_bytes", I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, restype=I)
     packed = weight_bytes(size(n, k, group, half, int(o is not None), width))
     function("nbllm_q8_pack", P, P, P, I, I, I, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, ctypes.c_int)(
-        q.data_ptr(), s.data_ptr(), _ptr(o), n, k, group, half, width, bias, packed.data_ptr(), num_threads())
+        q.data_ptr(), s.data_ptr(), ptr(o), n, k, group, half, width, bias, packed.data_ptr(), num_threads())
     return packed
 
 
@@ -129,6 +125,6 @@ def int8_dequantize(q: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) ->
     out = torch.empty(q.shape, dtype=torch.float32)
     if q.numel():
         kernel = function("nbllm_int8_dequantize", P, P, P, I, I, I, P, ctypes.c_int)
-        kernel(q.data_ptr(), s.data_ptr(), _ptr(o), q.shape[0], q.shape[1], group, out.data_ptr(), num_threads())
+        kernel(q.data_ptr(), s.data_ptr(), ptr(o), q.shape[0], q.shape[1], group, out.data_ptr(), num_threads())
     return out
 

@@ -25,11 +25,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["I", "P", "function", "kernels_own_the_threads", "library", "num_threads", "unavailable_reason"]
+__all__ = ["I", "P", "function", "kernels_own_the_threads", "library", "num_threads", "ptr", "unavailable_reason"]
 
 _DIR = Path(__file__).parent
 #: ctypes argument types of the kernels' C functions: pointers (a tensor's `data_ptr()`, or None) and sizes.
 P, I = ctypes.c_void_p, ctypes.c_int64
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """A `P` argument: the tensor's address, or None (a null pointer) for an optional tensor left out."""
+    return None if t is None else t.data_ptr()
+
+
 # -march=native: the library is built on the machine that runs it, and the kernels use what it has beyond AVX2
 # (AVX-VNNI / AVX512-VNNI integer dot products); the CPU's identity is part of the cache key. NBLLM_CPU_ARCH
 # names another target (e.g. `haswell`: the AVX2-only paths most laptops run, testable on an AVX-512 machine).

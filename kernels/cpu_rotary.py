@@ -10,7 +10,7 @@ import ctypes
 
 import torch
 
-from nbllm.kernels.cpu_library import I, P, function, unavailable_reason
+from nbllm.kernels.cpu_library import I, P, function, ptr, unavailable_reason
 
 __all__ = ["norm_rotary", "supports"]
 
@@ -37,6 +37,6 @@ def norm_rotary(
     positions = positions.to(torch.int64).contiguous()
     w = None if norm_weight is None else norm_weight.contiguous()
     kernel = function("nbllm_norm_rotary", P, I, I, I, I, I, P, ctypes.c_float, P, P, P, P)
-    kernel(x.data_ptr(), x.stride(0), x.stride(1), t, h, d, None if w is None else w.data_ptr(), eps,
+    kernel(x.data_ptr(), x.stride(0), x.stride(1), t, h, d, ptr(w), eps,
            positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
     return out

@@ -93,24 +93,26 @@ class PagedAttention:
                 sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
         store_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        return run_paged_attention(q, k_cache, v_cache, self._plan(k_cache, sliding_window), scale=scale)
+
+    def _plan(self, k_cache: torch.Tensor, sliding_window: int | None) -> PagedAttentionPlan:
         plan = self.plans.get(sliding_window)
         if plan is None:
             plan = self.plans[sliding_window] = plan_paged_attention(
                 k_cache, block_tables=self.block_tables, cu_query_lens=self.cu_query_lens,
                 context_lens=self.context_lens, sliding_window=sliding_window)
-        return run_paged_attention(q, k_cache, v_cache, plan, scale=scale)
+        return plan
 
     def native_step(self) -> DecoderStep | None:
-        """This step as the one-call CPU decoder takes it (`nbllm.models.native_cpu`), or None where the pools are
-        not the C++ attention's (fp32 on this CPU)."""
-        if not all(cpu_paged_attention.supports(k) for k in self.pool.k):
+        """This step as the one-call CPU decoder takes it (`nbllm.models.native_cpu`): the C++ attention's
+        arguments as the plan makes them (each layer brings its own window), or None where the pools are not
+        that kernel's (fp32 on this CPU)."""
+        native = self._plan(self.pool.k[0], None).native
+        if native is None or not all(cpu_paged_attention.supports(k) for k in self.pool.k):
             return None
-        cu = self.cu_query_lens.to(torch.int32).contiguous()
-        return DecoderStep(slots=self.slot_mapping.to(torch.int64).contiguous(),
-                           block_tables=self.block_tables.to(torch.int32).contiguous(), cu_query_lens=cu,
-                           context_lens=self.context_lens.to(torch.int32).contiguous(),
-                           seqs=((cu[1:] - cu[:-1]) > 0).nonzero().squeeze(1), k_caches=self.pool.k,
-                           v_caches=self.pool.v)
+        return DecoderStep(slots=self.slot_mapping.to(torch.int64).contiguous(), block_tables=native.block_tables,
+                           cu_query_lens=native.cu_query_lens, context_lens=native.context_lens, seqs=native.seqs,
+                           k_caches=self.pool.k, v_caches=self.pool.v)
 
 
 @dataclass
