@@ -8,6 +8,7 @@ import pytest
 
 from nbllm import LLM, SamplingParams
 from nbllm.kernels.cpu_library import unavailable_reason
+from nbllm.models.native_cpu import NativeDecoder
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"CPU kernels: {unavailable_reason()}")
 
@@ -23,23 +24,28 @@ def _runs(llm: LLM, native: bool) -> list[tuple[list[int], list[dict[int, float]
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
-def _check_bit_identical(llm: LLM) -> None:
+def _check_bit_identical(llm: LLM, monkeypatch) -> None:
+    calls = []
+    run = NativeDecoder.__call__
+    monkeypatch.setattr(NativeDecoder, "__call__", lambda self, *args: calls.append(1) or run(self, *args))
     native = _runs(llm, True)
-    assert llm.model._native() is not None  # the C++ program ran
+    steps = len(calls)
+    assert steps > 0  # the C++ program ran every step (else both runs below would be the module path)
     llm.reset_prefix_cache()  # the module path computes every prompt again
     assert native == _runs(llm, False)
+    assert len(calls) == steps  # and not on the module path
 
 
 @pytest.mark.slow
-def test_default_model_one_call_decoder_is_bit_identical(default_model_path) -> None:
+def test_default_model_one_call_decoder_is_bit_identical(default_model_path, monkeypatch) -> None:
     # 16-token chunks: prompts are prefilled over several steps, beside other sequences' decode tokens.
-    _check_bit_identical(LLM(str(default_model_path), max_num_batched_tokens=16, max_num_seqs=4))
+    _check_bit_identical(LLM(str(default_model_path), max_num_batched_tokens=16, max_num_seqs=4), monkeypatch)
 
 
 @pytest.mark.parametrize(("arch", "fmt"), [("gemma3", "q8_0"), ("gemma3", "q4_k"), ("qwen3", "q8_0"), ("llama", "q8_0")])
-def test_tiny_model_one_call_decoder_is_bit_identical(tiny_model, arch: str, fmt: str) -> None:
+def test_tiny_model_one_call_decoder_is_bit_identical(tiny_model, monkeypatch, arch: str, fmt: str) -> None:
     path, _ = tiny_model(arch, fmt)
-    _check_bit_identical(LLM(str(path), max_num_batched_tokens=8))
+    _check_bit_identical(LLM(str(path), max_num_batched_tokens=8), monkeypatch)
 
 
 def test_models_it_does_not_compute_keep_the_module_path(tiny_model) -> None:
