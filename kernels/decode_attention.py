@@ -6,11 +6,14 @@ query per sequence: `q: [B, Hq, D]` is each sequence's query at position `contex
 
 Decode is a pass over the KV cache: its time is the bytes of K and V read. So each program reads one KV head's
 keys once for the whole query group that shares it (the G = Hq / Hkv query heads become the rows of one `tl.dot`),
-and a long context is cut into `num_splits` slices attended by separate programs (flash-decoding), whose partial
-results (output and log-sum-exp) a second kernel merges. Without splits a batch-1 decode would run Hkv programs
-on a 132-SM chip. `num_splits` is a launch constant, not derived from the context lengths, so a CUDA graph
-captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's keys,
-rounded up to whole tiles (so a short sequence leaves its last splits empty; the merge gives those no weight).
+and a long context is cut into `num_splits` slices attended by separate programs (flash-decoding). Without splits
+a batch-1 decode would run Hkv programs on a 132-SM chip. Each split stores its partial result (output and
+log-sum-exp) and the last split of a (sequence, KV head) to finish merges them (`arrival`): one launch, not a
+split kernel and a merge kernel. `num_splits` is a launch constant, not derived from the context lengths, so a
+CUDA graph captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's
+keys, rounded up to whole tiles (so a short sequence leaves its last splits empty; the merge gives those no
+weight). With one split the program writes its output directly. On Hopper the launch is programmatic-dependent
+(`pdl`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import counters, last_arrival
 from .paged_tile import paged_softmax_tile
+from .pdl import enabled as pdl_enabled
 
 __all__ = ["decode_attention", "default_num_splits"]
 
@@ -38,16 +43,19 @@ def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr,
-    stride_qb, stride_qh, stride_tb,
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, counter_ptr,
+    stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
     scale, window,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # q and this step's keys come from the kernel before
     ctx = tl.load(ctx_ptr + b)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     # Whole tiles per split, at least one: a short sequence fills its first splits and leaves the rest empty.
@@ -73,31 +81,37 @@ def _split_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    base = (b * HQ + heads) * SPLITS + split
-    tl.store(mid_o_ptr + base[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
-    tl.store(mid_lse_ptr + base, lse, mask=row_ok)
+    out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        base = (b * HQ + heads) * SPLITS
+        tl.store(mid_o_ptr + (base + split)[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(mid_lse_ptr + base + split, lse, mask=row_ok)
+        if last_arrival(counter_ptr + b * HKV + kv_head, SPLITS):
+            _merge_splits(mid_o_ptr, mid_lse_ptr, out_rows, base, row_ok, dims, dim_ok, BLOCK_H, BLOCK_D, SPLITS)
 
 
 @triton.jit
-def _merge_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
-    base = (b * HQ + head) * SPLITS
-    lse = tl.load(mid_lse_ptr + base + splits, mask=splits < SPLITS, other=float("-inf"))
-    top = tl.max(lse, 0)
+def _merge_splits(mid_o_ptr, mid_lse_ptr, out_rows, base, row_ok, dims, dim_ok, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """The split partials of a query group, weighted by their share of the softmax mass, in split order."""
+    top = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        top = tl.maximum(top, tl.load(mid_lse_ptr + base + s, mask=row_ok, other=float("-inf"),
+                                      cache_modifier=".cg"))
     top = tl.where(top == float("-inf"), 0.0, top)  # a padding row: no keys in any split
-    w = tl.exp(lse - top)
-    o = tl.load(mid_o_ptr + (base + splits)[:, None] * BLOCK_D + dims[None, :], mask=(splits < SPLITS)[:, None],
-                other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < D)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for s in tl.static_range(SPLITS):
+        w = tl.exp(tl.load(mid_lse_ptr + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - top)
+        o = tl.load(mid_o_ptr + (base + s)[:, None] * BLOCK_D + dims[None, :], mask=row_ok[:, None], other=0.0,
+                    cache_modifier=".cg")
+        acc += o * w[:, None]
+        total += w
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_rows, out.to(out_rows.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 def decode_attention(
@@ -128,20 +142,19 @@ def decode_attention(
     block_d = triton.next_power_of_2(d)
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("decode_attention needs q's last dimension and the KV pools contiguous")
-    mid_o = torch.empty((batch, hq, num_splits, block_d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
+    mid_o = mid_lse = out  # one split writes `out` itself: no partials
+    if num_splits > 1:
+        mid_o = torch.empty((batch, hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = pdl_enabled(q.device)
     _split_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), block_tables.stride(0),
+        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse, out, counters(q.device, batch * hkv),
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         scale, sliding_window or 0,
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _merge_kernel[(batch, hq)](
-        mid_o, mid_lse, out, out.stride(0), out.stride(1),
-        HQ=hq, D=d, BLOCK_D=block_d, SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return out

@@ -6,8 +6,8 @@ bytes of W over the memory bandwidth. cuBLAS picks GEMM tiles for these shapes t
 bandwidth unused (359-1,900 GB/s on Qwen3-0.6B's 4-13 MB matrices, of ~4,100). Here each program owns a few
 output rows (`_BLOCK_N`: at least 256 programs for N >= 1024) and the whole of K (a compile-time constant), reads
 its weight rows with 16-byte loads, accumulates every row of x against them in fp32 and reduces once at the end.
-No split-K: no atomics, the same answer every run. On Hopper the launch is programmatic-dependent: a GEMV's
-programs start while the kernel before it drains and load their first weight tile before waiting for its
+No split-K: no atomics, the same answer every run. On Hopper the launch is programmatic-dependent (`pdl`): a
+GEMV's programs start while the kernel before it drains and load their first weight tile before waiting for its
 output, which hides part of the fixed cost (launch, first DRAM round trip) that dominates a 2-5 µs kernel.
 
 Because a program sees the whole input row, the small operations around a projection fold into it:
@@ -21,15 +21,13 @@ Because a program sees the whole input row, the small operations around a projec
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .activation import ACTIVATIONS, gated_activation_reference
+from .pdl import enabled as pdl_enabled
 from .rmsnorm import rms_norm_reference
 
 __all__ = ["MAX_ROWS", "gemv", "gemv_reference", "supports"]
@@ -58,15 +56,6 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     inner stride, a contiguous weight of the same type."""
     return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
             and x.dtype == weight.dtype and x.device == weight.device)
-
-
-@functools.cache
-def _pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: on Hopper and later, a GEMV may start while the kernel before it finishes,
-    reading its first weight tile before waiting for that kernel's output (`NBLLM_GEMV_PDL=0` turns it off)."""
-    if device.type != "cuda" or os.environ.get("NBLLM_GEMV_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _block_k(rows: int, k: int, block_n: int) -> int:
@@ -166,7 +155,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv's residual must be [{rows}, {n}] with unit inner stride")
     block_n = block_n or _BLOCK_N
     block_k = block_k or _block_k(rows, k, block_n)
-    pdl = _pdl(x.device)
+    pdl = pdl_enabled(x.device)
     prologue = _NORM if norm_weight is not None else ACTIVATIONS[activation] if activation else _NONE
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](

@@ -9,7 +9,8 @@ One program per token covers all of its heads.
 the model has per-head q/k norms (Qwen3, Gemma 3), the normalised value rounded to the input's type as the
 separate norm would. A decode step of a 28-layer model launches 28 of these instead of 28 x 6 kernels. Given the
 paged KV pools and the step's slots, the same launch also writes the rotated keys and the values there
-(`store_kv`'s job: slot -1 writes nothing), one launch a layer fewer.
+(`store_kv`'s job: slot -1 writes nothing), one launch a layer fewer. On Hopper it launches programmatic-dependent
+(`pdl`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .pdl import enabled as pdl_enabled
 
 __all__ = ["rotary_embedding", "rotary_qk", "rotary_reference"]
 
@@ -95,7 +98,10 @@ def _qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cos_
                stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
                stride_vt, stride_vh, stride_c, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-               STORE: tl.constexpr):
+               STORE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # q, k and v come from the projection before
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
@@ -140,11 +146,13 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: to
     k_out = torch.empty((tokens, hkv, d), dtype=k.dtype, device=k.device)
     if tokens:
         half = d // 2
+        pdl = pdl_enabled(q.device)
         _qk_kernel[(tokens, 2)](
             q, k, q_out, k_out, q_weight if norm else q, k_weight if norm else k, positions, cos, sin,
             v, k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
             k_out.stride(0), k_out.stride(1), v.stride(0), v.stride(1), cos.stride(0), eps, HQ=hq, HKV=hkv,
             HALF=half, BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hkv),
-            BLOCK_D=triton.next_power_of_2(half), NORM=norm, STORE=store is not None, num_warps=4)
+            BLOCK_D=triton.next_power_of_2(half), NORM=norm, STORE=store is not None, PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
     return q_out, k_out

@@ -82,3 +82,15 @@ def test_overlap_scheduling_keeps_the_answers(tiny_model) -> None:
         got_lp = [e[t] for t, e in zip(g.outputs[0].token_ids, g.outputs[0].logprobs)]
         want_lp = [e[t] for t, e in zip(w.outputs[0].token_ids, w.outputs[0].logprobs)]
         assert got_lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_the_decode_graphs_greedy_tokens_equal_the_samplers(tiny_model) -> None:
+    """Plain greedy steps take their tokens and log-probabilities from the decode graph's own argmax (no sampling
+    launch); asked for a top log-probability, the same steps go through the sampler: bit-identical answers, bf16."""
+    path, _ = tiny_model("qwen3", "f32")
+    prompts = random_prompts(PROMPT_LENGTHS, seed=10)
+    llm = LLM(path, device="cuda", kv_cache_tokens=4096, enable_prefix_caching=False)
+    short, general = greedy(llm, prompts, logprobs=0), greedy(llm, prompts, logprobs=1)
+    for (ids, lps), (want_ids, want_lps) in zip(short, general, strict=True):
+        assert ids == want_ids
+        assert [e[t] for t, e in zip(ids, lps)] == [e[t] for t, e in zip(want_ids, want_lps)]

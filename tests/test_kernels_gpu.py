@@ -23,6 +23,8 @@ if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
 
 from nbllm.kernels.activation import gated_activation, gated_activation_reference
+from nbllm.kernels.argmax_logsumexp import argmax_logsumexp, argmax_logsumexp_reference
+from nbllm.kernels.arrival import counters
 from nbllm.kernels.decode_attention import decode_attention
 from nbllm.kernels.extend_attention import extend_attention
 from nbllm.kernels.paged_attention import paged_attention
@@ -182,3 +184,32 @@ def test_gated_activation_matches_reference(dtype, activation) -> None:
     gate_up = (torch.randn(19, 2 * 5000, generator=gen) * 3).to(dtype)
     out = gated_activation(gate_up.to(DEVICE), activation)
     torch.testing.assert_close(out.cpu(), gated_activation_reference(gate_up, activation), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 9000), (3, 4096), (5, 151936 if not INTERPRET else 10000)])
+def test_argmax_logsumexp_matches_torch_and_keeps_the_first_maximum(dtype, shape) -> None:
+    """Ties across chunk boundaries: the first maximum wins, as torch's argmax (and the CPU kernel) decide."""
+    torch.manual_seed(shape[0])
+    x = (torch.randn(shape) * 4).to(dtype)
+    x[0, shape[1] - 5] = x[0, 7] = x[0].max() + 1  # the same maximum in the first and the last chunk
+    ids, lse, logprob = argmax_logsumexp(x.to(DEVICE))
+    ref_ids, ref_lse, ref_logprob = argmax_logsumexp_reference(x)
+    assert torch.equal(ids.cpu(), ref_ids) and ids[0].item() == 7
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprob.cpu(), ref_logprob, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_kernels_leave_their_arrival_counters_at_zero() -> None:
+    """The last program of each group resets its counter, so a second launch (a CUDA graph replay) merges
+    correctly and gives the same result."""
+    batch = make_batch([(300, 1), (5, 1)], block_size=16, heads=4, kv_heads=2, head_dim=HEAD_DIM, seed=4)
+    d = on_device(batch)
+    runs = [decode_attention(d["q"], d["k_cache"], d["v_cache"], block_tables=d["block_tables"],
+                             context_lens=d["context_lens"], scale=0.1, sliding_window=None, num_splits=3)
+            for _ in range(2)]
+    logits = torch.randn(2, 3 * 4096 + 1, device=DEVICE)
+    greedy = [argmax_logsumexp(logits) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*greedy))
+    assert not counters(DEVICE, 1).any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -237,3 +238,19 @@ def test_penalties_reach_the_right_rows_of_a_mixed_batch():
         expected[row, outputs[row]] -= params[row].presence_penalty
     assert result.token_ids[[0, 2, 3]].tolist() == expected[[0, 2, 3]].argmax(-1).tolist()
     assert result.token_ids[3] != logits[3].argmax()
+
+
+def test_a_plain_greedy_batch_takes_the_short_path_with_the_general_paths_answer():
+    """All rows greedy, no penalty, no top log-probabilities: only the argmax and its log-probability (what a CUDA
+    decode graph computes itself), equal to what the general path gives the same rows."""
+    logits = torch.randn(4, 5000) * 3
+    logits[1, [10, 4000]] = logits[1].max() + 1  # a tie: the lower id wins on both paths
+    plain = build([SamplingParams(temperature=0.0, logprobs=0)] * 4)
+    assert plain.plain_greedy
+    assert not build([SamplingParams(temperature=0.0, logprobs=1)] * 4).plain_greedy
+    assert not build([SamplingParams(temperature=0.0, repetition_penalty=1.2)] * 4).plain_greedy
+    assert not build([SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)]).plain_greedy
+    short = Sampler()(logits, plain)
+    general = Sampler()(logits, dataclasses.replace(plain, plain_greedy=False))
+    assert short.token_ids.tolist() == general.token_ids.tolist() == logits.argmax(-1).tolist()
+    assert torch.equal(short.logprobs, general.logprobs) and short.top_logprobs is None

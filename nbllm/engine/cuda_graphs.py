@@ -4,7 +4,10 @@ A decode step of a small model is launch-bound: each layer is a dozen small kern
 GPU work and as much of Python and driver time to launch. So, as vLLM and nano-vllm do, the whole forward plus
 the logits of a decode batch is captured once per batch size bucket (1, 2, 4, 8, then every 16 up to
 `max_batch`) over static input buffers; a step copies its inputs into the buffers of the smallest bucket that
-holds it and replays. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
+holds it and replays. The graph also begins and ends the host's per-token work on the device: it first replaces
+the input ids that are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and ends
+with each row's argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
+(`SamplingBatch.plain_greedy`) is one replay and the copy of its tokens to the host, with no sampling launches. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
 kernel writes zeros for them, so they cost a little compute and touch no real sequence.
 
 All buckets are captured together, largest first, at the first decode step, sharing one memory pool (the
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nbllm.engine.overlap import resolve_placeholders
+from nbllm.engine.sampler import SampleResult, greedy_sample
 from nbllm.kernels.decode_attention import default_num_splits
 
 if TYPE_CHECKING:
@@ -51,6 +55,11 @@ class DecodeGraphs:
         self._host_tables = [torch.zeros((max_batch, max_blocks), dtype=torch.int32).pin_memory() for _ in range(2)]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
+        # Each replay's greedy tokens, their log-sum-exp and log-probabilities, rows first; the tokens are also
+        # where the next replay resolves its placeholders from.
+        self.sampled = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self._lse, self._logprobs = torch.zeros((2, max_batch), dtype=torch.float32, device=dev).unbind(0)
+        self._batch = 0  # rows of the last replay
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -77,10 +86,16 @@ class DecodeGraphs:
         self._inputs[:, :size].copy_(host_inputs[:, :size], non_blocking=True)
         self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
         self._copied[turn].record()
-        if placeholders is not None:
-            resolve_placeholders(self.ids[:batch], placeholders)
+        if placeholders is not None and placeholders.data_ptr() != self.sampled.data_ptr():
+            resolve_placeholders(self.ids[:batch], placeholders)  # not sampled by a replay: resolved here
         self._graphs[size].replay()
+        self._batch = batch
         return self._logits[size][:batch]
+
+    def greedy(self) -> SampleResult:
+        """The last replay's greedy tokens and their log-probabilities (views, valid until the next replay):
+        what `Sampler` returns for those logits when the batch is `plain_greedy`."""
+        return SampleResult(self.sampled[: self._batch], self._logprobs[: self._batch])
 
     def capture(self) -> None:
         from nbllm.engine.model_runner import TritonPagedAttention
@@ -95,11 +110,15 @@ class DecodeGraphs:
                 num_splits=default_num_splits(size, self.pool.k[0].shape[2], sms))
 
             def forward(size: int = size, attn: TritonPagedAttention = attn) -> torch.Tensor:
+                resolve_placeholders(self.ids[:size], self.sampled)
                 hidden = self.model(self.ids[:size], self.positions[:size], attn)
-                return self.model.compute_logits(hidden)
+                logits = self.model.compute_logits(hidden)
+                greedy_sample(logits, out=(self.sampled[:size], self._lse[:size], self._logprobs[:size]))
+                return logits
 
             self.context_lens.zero_()  # warm-up and capture store nothing and read nothing
             self.slots.fill_(-1)
+            self.ids.zero_()
             forward()  # compiles the Triton kernels of this shape before capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

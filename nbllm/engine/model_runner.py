@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from nbllm.engine.overlap import resolve_placeholders
+from nbllm.engine.sampler import SampleResult
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
 from nbllm.kernels import cpu_paged_attention
@@ -241,6 +242,7 @@ class ModelRunner:
         #: keeps an interrupt from leaving the ranks halfway through the step.
         self.step_broadcast: Callable[[list[tuple[int, int]], StepInputs], AbstractContextManager] | None = None
         self.graphs = None
+        self._replayed = False  # the last step replayed a decode graph
         # One GEMM for q/k/v and one for gate/up: a decode step is launch-bound on a GPU, call-bound on a CPU. On
         # the CPU only int8 weights are joined (bit-identical rows); a dense join would change MKL's blocking.
         for module in [m for m in model.modules() if hasattr(m, "fuse_projections")]:
@@ -273,7 +275,9 @@ class ModelRunner:
             placeholders: torch.Tensor | None = None) -> torch.Tensor:
         """Copy-on-write `copies`, then the forward of `inputs`: the logits of its `logit_rows` (`execute`)."""
         self.pool.copy_blocks(copies)
-        if self.graphs is not None and inputs.is_decode and len(inputs.logit_rows) <= self.graphs.max_batch:
+        self._replayed = (self.graphs is not None and inputs.is_decode
+                          and len(inputs.logit_rows) <= self.graphs.max_batch)
+        if self._replayed:
             return self.graphs.run(inputs, placeholders)
         dev = self.device
 
@@ -296,6 +300,10 @@ class ModelRunner:
             if rows != list(range(hidden.shape[0])):
                 hidden = hidden[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)]
             return self.model.compute_logits(hidden).to(dev)  # a split model's head is on another device
+
+    def graph_greedy(self) -> SampleResult | None:
+        """The last step's greedy tokens when its decode graph took them (`DecodeGraphs.greedy`), else None."""
+        return self.graphs.greedy() if self._replayed else None
 
     def _attention(self, inputs: StepInputs, dev: torch.device) -> PagedAttention | TritonPagedAttention:
         """This step's backend for the layers on `dev`: the Triton kernels on CUDA, torch elsewhere."""

@@ -145,7 +145,10 @@ class OverlapLoop:
         rows = [seq.seq_id for seq in ready]
         if self._sampling is None or self._sampling[0] != rows:
             self._sampling = rows, core._sampling_batch(ready, [[] for _ in ready])
-        result = core.sampler(logits, self._sampling[1])
+        sampling = self._sampling[1]
+        result = core.runner.graph_greedy() if sampling.plain_greedy else None  # the graph sampled already
+        if result is None:
+            result = core.sampler(logits, sampling)
         host, event = to_host(result)
         return InflightStep(ready, result.token_ids, host, event)
 

@@ -56,6 +56,9 @@ class SamplingBatch:
     # sampler that only queues work): some random row has a temperature other than 1 / asks for a filter.
     random_scaled: bool = True
     random_filtered: bool = True
+    # Every row greedy with no penalty and no top log-probabilities: the tokens are the rows' argmax, which a
+    # CUDA decode graph takes itself (`greedy`), so such a step needs no sampling launch at all.
+    plain_greedy: bool = False
 
     @property
     def has_penalties(self) -> bool:
@@ -118,6 +121,7 @@ class SamplingBatch:
             max_logprobs=max(k_max, default=0),
             random_scaled=any(p.temperature != 1.0 for p, g in zip(params, greedy) if not g),
             random_filtered=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
+            plain_greedy=all(greedy) and not (rep_rows or add_rows) and max(k_max, default=0) == 0,
         )
 
 
@@ -142,6 +146,8 @@ class Sampler:
             raise ValueError(
                 f"{logits.shape[0]} rows of logits for {batch.temperature.shape[0]} rows of sampling settings"
             )
+        if batch.plain_greedy and allowed_mask is None:
+            return greedy_sample(logits)
         x = logits.to(torch.float32)
         if allowed_mask is not None:
             x = x.masked_fill(~allowed_mask, -math.inf)
@@ -167,10 +173,30 @@ class Sampler:
         return SampleResult(token_ids, sampled_logprobs, _top_logprobs(x, lse, batch))
 
 
+def greedy_sample(logits: torch.Tensor, *, out: tuple[torch.Tensor, ...] | None = None) -> SampleResult:
+    """Every row's argmax and its raw log-probability: the whole sampler for a `plain_greedy` batch. On CUDA one
+    launch and no host synchronisation, so a decode graph captures it, writing into `out` (ids, log-sum-exp,
+    log-probability buffers); elsewhere the same values as the general path."""
+    if logits.is_cuda:
+        from nbllm.kernels.argmax_logsumexp import argmax_logsumexp
+
+        ids, _, logprobs = argmax_logsumexp(logits, out=out)
+        return SampleResult(ids, logprobs)
+    x = logits.to(torch.float32)
+    best, lse = _argmax_logsumexp(x)
+    return SampleResult(best, x.gather(1, best[:, None]).squeeze(1) - lse)
+
+
 def _argmax_logsumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's argmax (the first maximum) and logsumexp: one C++ pass pair on a CPU, torch elsewhere."""
+    """Each row's argmax (the first maximum) and logsumexp: one C++ pass pair on a CPU, one Triton launch on CUDA
+    (`nbllm.kernels.argmax_logsumexp`), torch elsewhere."""
     if cpu_sampling.supports(x):
         return cpu_sampling.row_argmax_logsumexp(x)
+    if x.is_cuda:
+        from nbllm.kernels.argmax_logsumexp import argmax_logsumexp
+
+        best, lse, _ = argmax_logsumexp(x)
+        return best, lse
     return x.argmax(dim=-1), torch.logsumexp(x, dim=-1)
 
 
