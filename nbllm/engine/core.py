@@ -83,6 +83,7 @@ class EngineCore:
         self.radix = RadixCache(self.blocks, self.host_kv) if scheduler_config.enable_prefix_caching else None
         self.scheduler = Scheduler(scheduler_config, self.blocks, self.radix)
         self.sampler = Sampler()
+        self._sampling_reuse: tuple[list[int], SamplingBatch] | None = None  # `_sampling_batch`'s last rows, batch
         self.requests: dict[str, Request] = {}
         self.seed = seed
         self.speculative = speculative
@@ -263,16 +264,21 @@ class EngineCore:
         return propose_ngram(seq.token_ids, room, spec.ngram_max, spec.ngram_min)
 
     def _account(self, batch: ScheduledBatch, elapsed: float) -> None:
-        """Split the step's time between prefill and decode tokens (in proportion to their count)."""
+        """Split the step's time between prefill and decode tokens (in proportion to their count). Called before
+        the step's `num_computed` update: a decode sequence is one whose only pending token is an output token."""
         t = self.totals
         t.steps += 1
         t.preemptions += batch.num_preempted
-        decode = sum(n for s, n in batch.seqs if s.num_computed == s.num_tokens - 1 > s.num_prompt_tokens - 1)
-        prefill = batch.num_tokens - decode
+        total = decode = 0
+        for seq, n in batch.seqs:
+            total += n
+            if seq.num_computed == len(seq.token_ids) - 1 >= len(seq.request.prompt_token_ids):
+                decode += n
+        prefill = total - decode
         t.prefill_tokens_computed += prefill
         t.decode_tokens_computed += decode
-        t.prefill_seconds += elapsed * prefill / batch.num_tokens
-        t.decode_seconds += elapsed * decode / batch.num_tokens
+        t.prefill_seconds += elapsed * prefill / total
+        t.decode_seconds += elapsed * decode / total
 
     def _expand_forks(self, ready: list[Sequence]) -> list[tuple[Sequence, int]]:
         """Each ready sequence with the index of its first logits row; forks n > 1 requests after their prompt
@@ -295,13 +301,21 @@ class EngineCore:
         return targets
 
     def _sampling_batch(self, seqs: Seq[Sequence], output_token_ids: Seq[list[int]]) -> SamplingBatch:
-        return SamplingBatch.build(
+        """The sampling settings of `seqs`' rows. Decode steps sample the same sequences step after step, and
+        without penalties nothing in their settings changes (parameters and generators belong to the sequence;
+        only penalties read the token history), so the last batch is reused while its rows are the same."""
+        rows = [seq.seq_id for seq in seqs]
+        if self._sampling_reuse is not None and self._sampling_reuse[0] == rows:
+            return self._sampling_reuse[1]
+        batch = SamplingBatch.build(
             params=[s.params for s in seqs],
             generators=[s.generator for s in seqs],
             output_token_ids=list(output_token_ids),
             prompt_token_ids=[s.request.prompt_token_ids for s in seqs],
             device=self.runner.device,
         )
+        self._sampling_reuse = None if any(s.params.has_penalties for s in seqs) else (rows, batch)
+        return batch
 
     def _allowed_mask(self, seqs: Seq[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
         """The sampler's `[rows, V]` allowed-token mask when some row is constrained (free rows allow all)."""
@@ -317,18 +331,20 @@ class EngineCore:
 
     def _append(self, seq: Sequence, token: int, logprob: float, result: SampleResult | None, row: int) -> None:
         """Append one token (`result`'s `row` holds its top log-probabilities; None for a forced token) and
-        finish the sequence if it ends here."""
-        request, params = seq.request, seq.params
-        if seq.matcher is not None:
-            if not seq.matcher.advance(token):  # only when the mask left nothing to sample
+        finish the sequence if it ends here. Runs for every token, so it reads clock and lengths only where
+        needed (no timestamp after the first token)."""
+        request = seq.request
+        params, metrics, matcher = request.params, request.metrics, seq.matcher
+        if matcher is not None:
+            if not matcher.advance(token):  # only when the mask left nothing to sample
                 seq.finish_reason, seq.stop_reason = "abort", "no token of the vocabulary continues the constraint"
                 self.scheduler.finish(seq)
                 return
             self.totals.constrained_tokens += 1
-        now = time.perf_counter()
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        seq.token_ids.append(token)
+        if metrics.first_token_time is None:
+            metrics.first_token_time = time.perf_counter()
+        token_ids = seq.token_ids
+        token_ids.append(token)
         seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
             entry = {token: logprob}
@@ -336,10 +352,10 @@ class EngineCore:
                 ids, values = result.top_logprobs
                 entry.update(zip(ids[row].tolist(), values[row].tolist()))
             seq.logprobs.append(entry)
-        request.metrics.generated_tokens += 1
+        metrics.generated_tokens += 1
         self.totals.generated_tokens += 1
         # A constrained output ends where its grammar says, ignore_eos or not.
-        is_eos = token in self.tokenizer.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
+        is_eos = token in self.tokenizer.eos_token_ids and (not params.ignore_eos or matcher is not None)
         delta = "" if is_eos else seq.detokenizer.add(token)
         seq.text += delta
         if is_eos or (params.stop_token_ids and token in params.stop_token_ids):
@@ -349,11 +365,10 @@ class EngineCore:
             if hit is not None:
                 seq.text = seq.text[: hit.truncate_at]
                 seq.finish_reason, seq.stop_reason = "stop", hit.stop
-            elif seq.matcher is not None and seq.matcher.complete:  # only EOS could follow: end without it
+            elif matcher is not None and matcher.complete:  # only EOS could follow: end without it
                 seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= params.max_tokens:
-                seq.finish_reason = "length"
-            elif seq.num_tokens >= self.scheduler.config.max_model_len:
+            elif (len(token_ids) - len(request.prompt_token_ids) >= params.max_tokens
+                  or len(token_ids) >= self.scheduler.config.max_model_len):
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.text += seq.detokenizer.flush() if seq.finish_reason == "length" else ""

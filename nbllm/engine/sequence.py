@@ -32,6 +32,11 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# Module constants: looking a member up on its enum costs ~0.1 us on Python 3.11, and the status is tested
+# several times per sequence per step.
+_RUNNING, _FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+
+
 @dataclass(eq=False)
 class Sequence:
     """One token stream: prompt + output ids, the part of it whose KV is cached, and its decoding state."""
@@ -87,22 +92,23 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
     def completion(self, *, final: bool) -> CompletionOutput:
         """This sequence as a `CompletionOutput`, with the delta since the previous call."""
-        safe = len(self.text) if final or self.is_finished else self.stop_checker.safe_prefix_len(self.text)
-        safe = max(safe, self.emitted_text_len)
-        out_ids = self.output_token_ids  # a fresh list: copied once a step, the output's own
+        text, emitted = self.text, self.emitted_text_len
+        safe = len(text) if final or self.status is _FINISHED else self.stop_checker.safe_prefix_len(text)
+        safe = max(safe, emitted)
+        out_ids = self.token_ids[len(self.request.prompt_token_ids) :]  # a fresh list: the output's own
         out = CompletionOutput(
             index=self.index,
-            text=self.text[:safe],
+            text=text[:safe],
             token_ids=out_ids,
-            cumulative_logprob=self.cumulative_logprob if self.params.logprobs is not None else None,
+            cumulative_logprob=self.cumulative_logprob if self.request.params.logprobs is not None else None,
             logprobs=self.logprobs,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            text_delta=self.text[self.emitted_text_len : safe],
+            text_delta=text[emitted:safe],
             token_ids_delta=out_ids[self.emitted_tokens :],
         )
         self.emitted_text_len, self.emitted_tokens = safe, len(out_ids)
@@ -123,7 +129,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return all(s.status is _FINISHED for s in self.seqs)
 
     def output(self, *, final: bool = False) -> RequestOutput:
         return RequestOutput(

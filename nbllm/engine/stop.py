@@ -50,7 +50,7 @@ class StopChecker:
         """How much of an unfinished output may be streamed: all of it but the longest tail that is a proper
         prefix of some stop string (it may yet complete into one and be cut). Nothing is held back when the stop
         string stays in the output (vLLM too), and once the request has finished everything left is streamed."""
-        if self.include_stop_str_in_output:
+        if self.include_stop_str_in_output or not self.stop:
             return len(text)
         for tail in range(min(len(text), self._longest - 1), 0, -1):
             suffix = text[-tail:]
