@@ -7,10 +7,15 @@ the CPU, where the forward is cheap: each `EngineCore.step()` is timed, and the 
 `ModelRunner.run` (copies + forward) and inside the sampler is subtracted. Only steps whose launched batch is a
 full decode batch count (every sequence computes one token), so prefill and the ragged tail are left out.
 
-    python benchmarks/engine_overhead.py [--batch 1,64,256] [--steps 400] [--mode sync,overlap] [--profile]
+    python benchmarks/engine_overhead.py [--batch 1,64,256] [--steps 300] [--mode sync,overlap] [--repeat 3]
+                                         [--stub-forward] [--profile]
 
-Columns: median and mean host microseconds a step, host microseconds a token (median / batch), and for scale the
-median forward and sampler times of the same steps.
+Columns: median and mean host microseconds a step (the median of the best of `--repeat` runs: the box is shared;
+the mean over all runs, so it includes garbage-collection pauses), host microseconds a token (median / batch), and
+for scale the median forward and sampler times. `--stub-forward` replaces the forward by random logits: the host
+work then runs with warm caches, as on a GPU host, where the forward does not run through the CPU's caches.
+To measure older code, put its `nbllm` first on the path: `PYTHONPATH=/tmp/old python benchmarks/...` (the
+first line printed says which `nbllm` ran).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # the tiny-mode
 import torch  # noqa: E402
 from tiny_models import build_hf_model, random_prompts, write_gguf  # noqa: E402
 
+import nbllm  # noqa: E402
 from nbllm import LLM, SamplingParams  # noqa: E402
 
 PROMPT_TOKENS = 24
@@ -44,12 +50,17 @@ def build_model(directory: Path) -> Path:
 class StepTimer:
     """Wraps the engine's runner and sampler to time each step's forward and sampling separately."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, *, stub_forward: bool) -> None:
         engine = llm.engine
         self.engine = engine
         self.run_s = self.sample_s = 0.0
         self.full_decode = False
         run, sampler = engine.runner.run, engine.sampler
+        if stub_forward:
+            vocab = llm.config.vocab_size
+
+            def run(copies, inputs, placeholders=None):
+                return torch.randn(len(inputs.logit_rows), vocab)
 
         def timed_run(copies, inputs, placeholders=None):
             self.full_decode = inputs.is_decode and len(inputs.logit_rows) == self.batch
@@ -97,32 +108,36 @@ class StepTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,64,256", help="comma-separated batch sizes")
-    parser.add_argument("--steps", type=int, default=400, help="output tokens per request")
+    parser.add_argument("--steps", type=int, default=300, help="output tokens per request")
     parser.add_argument("--mode", default="sync,overlap", help="sync (CPU default), overlap (the GPU loop), or both")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each batch; the best median is shown")
+    parser.add_argument("--stub-forward", action="store_true", help="random logits instead of the forward")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the forward is not measured)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
+    print(f"nbllm from {Path(nbllm.__file__).parent}; forward {'stubbed' if args.stub_forward else 'real'}")
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp))
-        print(f"| mode | batch | steps | host us/step (median) | host us/step (mean) | host us/token | "
-              f"forward us | sampler us |")
+        print("| mode | batch | steps | host us/step (median) | host us/step (mean) | host us/token | "
+              "forward us | sampler us |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for mode in args.mode.split(","):
             llm = LLM(path, device="cpu", kv_cache_tokens=max(batches) * (PROMPT_TOKENS + args.steps + 32),
                       max_num_seqs=max(batches), max_num_batched_tokens=max(1024, max(batches) * PROMPT_TOKENS))
             llm.engine.overlap.enabled = mode == "overlap"
-            timer = StepTimer(llm)
+            timer = StepTimer(llm, stub_forward=args.stub_forward)
             timer.decode(min(batches), 8, profile=None)  # warm-up: first calls, lazy imports
             for batch in batches:
                 profile = cProfile.Profile() if args.profile else None
-                samples = timer.decode(batch, args.steps, profile=profile)
-                host = [s[0] * 1e6 for s in samples]
-                med = statistics.median(host)
-                print(f"| {mode} | {batch} | {len(samples)} | {med:.0f} | {statistics.fmean(host):.0f} | "
-                      f"{med / batch:.1f} | {statistics.median(s[1] for s in samples) * 1e6:.0f} | "
-                      f"{statistics.median(s[2] for s in samples) * 1e6:.0f} |", flush=True)
+                runs = [timer.decode(batch, args.steps, profile=profile) for _ in range(args.repeat)]
+                best = min(runs, key=lambda samples: statistics.median(s[0] for s in samples))
+                med = statistics.median(s[0] for s in best) * 1e6
+                mean = statistics.fmean(s[0] for samples in runs for s in samples) * 1e6
+                print(f"| {mode} | {batch} | {len(best)} | {med:.0f} | {mean:.0f} | {med / batch:.1f} | "
+                      f"{statistics.median(s[1] for s in best) * 1e6:.0f} | "
+                      f"{statistics.median(s[2] for s in best) * 1e6:.0f} |", flush=True)
                 if profile is not None:
                     pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
 

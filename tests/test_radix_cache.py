@@ -189,3 +189,31 @@ def test_node_views_report_refcounts_and_access():
     cache.match_prefix(range(4))
     upper, lower = cache.nodes()
     assert upper.last_access > lower.last_access == v.last_access
+
+
+def test_a_decoding_sequence_grows_one_edge_and_a_sibling_splits_it():
+    """Offering a sequence block by block (as decoding does) extends its leaf instead of chaining a node per
+    block; a sequence that shares only the start splits that edge, and matching, pinning and eviction see the
+    same blocks as with separate nodes."""
+    bm, cache = setup()
+    tokens = list(range(100, 124))
+    table = computed(bm, tokens)
+    for full in range(1, 7):
+        cache.insert(tokens[: full * BS], table.blocks[:full])
+        assert [v.blocks for v in cache.nodes()] == [tuple(table.blocks[:full])]
+    assert cache.evictable_blocks() == 0  # every block is pinned by the table
+    sibling = tokens[:8] + [7] * 8  # its first two blocks come from the cache, as an admitted request's do
+    other = BlockTable()
+    bm.append_prefix(other, cache.match_prefix(sibling).blocks, 8)
+    bm.prepare_write(other, 8, 8)
+    cache.insert(sibling, other.blocks)
+    assert sorted(v.blocks for v in cache.nodes()) == sorted(
+        [tuple(table.blocks[:2]), tuple(table.blocks[2:6]), tuple(other.blocks[2:4])])
+    assert cache.match_prefix(tokens).blocks == tuple(table.blocks[:6])
+    assert cache.match_prefix(sibling).blocks == tuple(other.blocks)
+    bm.free(table)
+    assert cache.evictable_blocks() == 4 and cache.evict(4) == 4  # the first sequence's own tail goes
+    assert cache.match_prefix(tokens).blocks == tuple(other.blocks[:2])
+    bm.free(other)
+    cache.reset()
+    assert bm.num_used_blocks == 0

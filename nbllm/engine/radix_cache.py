@@ -184,16 +184,24 @@ class RadixCache:
         tokens = tokens[: n + len(new_blocks) * bs]
         for b in new_blocks:
             self.block_manager.incref(b)  # not yet owned, so the share listener ignores these
-        node = _Node(tokens[n:], new_blocks, parent, next(self._uids))
-        node.last_access = self._clock
-        parent.children[tokens[n : n + bs]] = node
-        parent.device_children += 1
-        self._num_nodes += 1
+        if parent is not self._root and not parent.children:
+            # A leaf's edge grows in place: a decoding sequence offers its blocks one at a time, and a child per
+            # block would make its path, walked at every offer, as many nodes long as it has blocks.
+            node = parent
+            node.key += tokens[n:]
+            node.blocks.extend(new_blocks)
+        else:
+            node = _Node(tokens[n:], new_blocks, parent, next(self._uids))
+            node.last_access = self._clock
+            parent.children[tokens[n : n + bs]] = node
+            parent.device_children += 1
+            self._num_nodes += 1
         for b in new_blocks:
             self._owner[b] = node
         pinned = sum(1 for b in new_blocks if self.block_manager.refcount(b) > 1)
-        node.pinned = pinned
-        self._evictable += len(new_blocks)
+        node.pinned += pinned
+        if not node.lock:
+            self._evictable += len(new_blocks)
         if pinned:
             self._add_lock(node, pinned)
         else:

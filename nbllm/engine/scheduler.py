@@ -94,14 +94,17 @@ class Scheduler:
         self.step_count += 1
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        running = SequenceStatus.RUNNING  # looked up once: an enum member lookup costs ~0.1 us on Python 3.11
         for seq in list(self.running):
             if budget == 0:
                 break
-            pending = seq.num_pending
-            if seq.status is not SequenceStatus.RUNNING or pending == 0:
+            pending = len(seq.token_ids) - seq.num_computed
+            if seq.status is not running or pending == 0:
                 continue  # preempted earlier in this loop, or nothing to compute (a beam waiting for its siblings)
-            n = min(pending + len(seq.spec_token_ids), budget)
-            del seq.spec_token_ids[max(0, n - pending) :]  # drafts that do not fit the budget
+            drafts = seq.spec_token_ids
+            n = min(pending + len(drafts), budget)
+            if drafts:
+                del drafts[max(0, n - pending) :]  # drafts that do not fit the budget
             while not self._reserve(seq, n, batch.copies):
                 if seq.spec_token_ids:  # drop a guess before preempting anyone for it
                     n -= len(seq.spec_token_ids)
@@ -112,10 +115,10 @@ class Scheduler:
                 batch.num_preempted += 1
                 if victim is seq:
                     break
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is running:
                 batch.seqs.append((seq, n))
                 budget -= n
-        if batch.num_preempted == 0:
+        if batch.num_preempted == 0 and self.waiting:
             self._admit(batch, budget)
         return batch
 
