@@ -8,7 +8,7 @@ the CPU, where the forward is cheap: each `EngineCore.step()` is timed, and the 
 full decode batch count (every sequence computes one token), so prefill and the ragged tail are left out.
 
     python benchmarks/engine_overhead.py [--batch 1,64,256] [--steps 300] [--mode sync,overlap] [--repeat 3]
-                                         [--stub-forward] [--profile]
+                                         [--stub-forward] [--freeze-gc] [--profile]
 
 Columns: median and mean host microseconds a step (the median of the best of `--repeat` runs: the box is shared;
 the mean over all runs, so it includes garbage-collection pauses), host microseconds a token (median / batch), and
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import statistics
 import sys
@@ -113,11 +114,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each batch; the best median is shown")
     parser.add_argument("--stub-forward", action="store_true", help="random logits instead of the forward")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the forward is not measured)")
+    parser.add_argument("--freeze-gc", action="store_true",
+                        help="gc.freeze() once the engine is built: its objects leave the collector's full passes")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
-    print(f"nbllm from {Path(nbllm.__file__).parent}; forward {'stubbed' if args.stub_forward else 'real'}")
+    print(f"nbllm from {Path(nbllm.__file__).parent}; forward {'stubbed' if args.stub_forward else 'real'}; "
+          f"gc {'frozen after start-up' if args.freeze_gc else 'as is'}")
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp))
         print("| mode | batch | steps | host us/step (median) | host us/step (mean) | host us/token | "
@@ -127,6 +131,9 @@ def main() -> None:
             llm = LLM(path, device="cpu", kv_cache_tokens=max(batches) * (PROMPT_TOKENS + args.steps + 32),
                       max_num_seqs=max(batches), max_num_batched_tokens=max(1024, max(batches) * PROMPT_TOKENS))
             llm.engine.overlap.enabled = mode == "overlap"
+            if args.freeze_gc:
+                gc.collect()
+                gc.freeze()
             timer = StepTimer(llm, stub_forward=args.stub_forward)
             timer.decode(min(batches), 8, profile=None)  # warm-up: first calls, lazy imports
             for batch in batches:
