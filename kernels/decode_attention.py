@@ -2,7 +2,7 @@
 
 Same contract as `paged_attention` (its torch reference, `nbllm.kernels.paged_attention`) restricted to one
 query per sequence: `q: [B, Hq, D]` is each sequence's query at position `context_lens[b] - 1`, and its keys
-(this step's already stored) live in the paged pools `[num_blocks, block_size, Hkv, D]`.
+(this step's already stored, unless `DecodeRope` below) live in the paged pools `[num_blocks, block_size, Hkv, D]`.
 
 Decode is a pass over the KV cache: its time is the bytes of K and V read. So each program reads one KV head's
 keys once for the whole query group that shares it (the G = Hq / Hkv query heads become the rows of one `tl.dot`),
@@ -14,9 +14,16 @@ CUDA graph captured once serves every later step; each split takes `ceil(keys / 
 keys, rounded up to whole tiles (so a short sequence leaves its last splits empty; the merge gives those no
 weight). With one split the program writes its output directly. On Hopper the launch is programmatic-dependent
 (`pdl`).
+
+A decode step's q/k norms, rotary and K/V store can ride in the same launch (`DecodeRope`): each program
+normalises and rotates its query group itself (a few hundred bytes), and the split whose slice ends at the new
+token writes that token's key and value into the pools before reading them. One launch a layer fewer, and the
+same bits as `rotary_qk` followed by this kernel (both rotate through `rotary.norm_rope`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,10 +32,34 @@ import triton.language as tl
 from .arrival import counters, last_arrival
 from .paged_tile import paged_softmax_tile
 from .pdl import enabled as pdl_enabled
+from .rotary import norm_rope
 
-__all__ = ["decode_attention", "default_num_splits"]
+__all__ = ["DecodeRope", "decode_attention", "default_num_splits"]
 
 _BLOCK_N = 64  # keys per tile: four 16-token blocks
+
+
+@dataclass
+class DecodeRope:
+    """What `rotary_qk` would do before the attention, done inside its launch: `q` is then the step's projection,
+    whose heads the kernel normalises (`q_weight`, `eps`) and rotates by `positions`, and the step's new keys
+    `k: [B, Hkv, D]` (normalised with `k_weight`, rotated) and values `v` are written into the pools at `slots`
+    (-1: none) by the split that reads them. Same bits as the two launches."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor  # [B]
+    cos: torch.Tensor  # [max_positions, D / 2] fp32
+    sin: torch.Tensor
+    slots: torch.Tensor  # [B]
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    eps: float = 0.0
+
+    @staticmethod
+    def supports(head_dim: int) -> bool:
+        """The fused path handles power-of-two head sizes (the rotated halves are joined in registers)."""
+        return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -42,13 +73,56 @@ def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 @triton.jit
+def _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, HALF: tl.constexpr):
+    halves = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    c = tl.load(cos_ptr + pos * stride_c + halves)[None, :]
+    s = tl.load(sin_ptr + pos * stride_c + halves)[None, :]
+    return halves, c, s
+
+
+@triton.jit
+def _rotated_query(q_ptr, b, heads, row_ok, pos_ptr, cos_ptr, sin_ptr, qw_ptr, stride_qb, stride_qh, stride_c, eps,
+                   D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+    """The query group's heads, RMS-normalised and rotated exactly as `rotary_qk` does, as `[BLOCK_H, D]`."""
+    halves, c, s = _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2)
+    src = q_ptr + b * stride_qb + heads[:, None] * stride_qh + halves[None, :]
+    x1 = tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(src + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    y1, y2 = norm_rope(x1, x2, c, s, qw_ptr, halves, eps, D // 2, NORM, q_ptr.dtype.element_ty)
+    return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (BLOCK_H, BLOCK_D))
+
+
+@triton.jit
+def _store_new_kv(k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kw_ptr, slots_ptr, b, kv_head,
+                  stride_kb, stride_kh, stride_vb, stride_vh, stride_c, eps, HKV: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+    """The step's key for this KV head (normalised and rotated as `rotary_qk` does) and its value, written into
+    the pools at the sequence's slot (-1: a padding row, nothing), visible to this program's later loads."""
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    if slot >= 0:
+        halves, c, s = _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2)
+        src = k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
+        y1, y2 = norm_rope(tl.load(src).to(tl.float32), tl.load(src + D // 2).to(tl.float32), c, s, kw_ptr, halves,
+                           eps, D // 2, NORM, k_ptr.dtype.element_ty)
+        row = (slot * HKV + kv_head) * D
+        tl.store(k_cache_ptr + row + halves[None, :], y1.to(k_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + row + D // 2 + halves[None, :], y2.to(k_cache_ptr.dtype.element_ty))
+        dims = tl.arange(0, BLOCK_D)
+        value = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + dims)
+        tl.store(v_cache_ptr + row + dims, value.to(v_cache_ptr.dtype.element_ty))
+    tl.debug_barrier()  # the stores land before any thread of this program reads the tile that holds them
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, counter_ptr,
-    stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
-    scale, window,
+    new_k_ptr, new_v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slots_ptr,
+    stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_kb, stride_kh, stride_vb, stride_vh, stride_c,
+    scale, window, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,8 +142,15 @@ def _split_kernel(
     row_ok = rows < GROUP
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if ROPE:  # q is this step's projection: normalise and rotate it here, and store the new key and value
+        q = _rotated_query(q_ptr, b, heads, row_ok, pos_ptr, cos_ptr, sin_ptr, qw_ptr, stride_qb, stride_qh,
+                           stride_c, eps, D, BLOCK_H, BLOCK_D, NORM)
+        if split == (ctx - 1 - first) // per_split:  # the split that reads the new key stores it first
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, pos_ptr, cos_ptr, sin_ptr, kw_ptr, slots_ptr, b,
+                          kv_head, stride_kb, stride_kh, stride_vb, stride_vh, stride_c, eps, HKV, D, BLOCK_D, NORM)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_H], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -125,6 +206,7 @@ def decode_attention(
     sliding_window: int | None,
     num_splits: int,
     out: torch.Tensor | None = None,
+    rope: DecodeRope | None = None,
     block_n: int = _BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -135,6 +217,7 @@ def decode_attention(
     a padding row of a captured batch may have 0 and then gets zeros). Launches only: no host synchronisation,
     so it can be captured in a CUDA graph. fp32 inputs use IEEE fp32 products (no tf32). `block_n` (keys per
     tile), `num_warps` and `num_stages` are the split kernel's launch settings (the benchmark sweeps them).
+    `rope`: `q` is not yet normalised and rotated and this step's K/V not yet stored (`DecodeRope`).
     """
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -142,6 +225,12 @@ def decode_attention(
     block_d = triton.next_power_of_2(d)
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("decode_attention needs q's last dimension and the KV pools contiguous")
+    if rope is not None and (not DecodeRope.supports(d) or rope.k.stride(2) != 1 or rope.v.stride(2) != 1
+                             or rope.cos.stride(1) != 1 or rope.sin.stride() != rope.cos.stride()):
+        raise ValueError("decode_attention's rope needs a power-of-two head size, k's and v's last dimension and "
+                         "the cos/sin tables contiguous")
+    r = rope if rope is not None else DecodeRope(q, q, context_lens, q, q, context_lens)  # unused pointers
+    norm = rope is not None and rope.q_weight is not None
     out = torch.empty_like(q) if out is None else out
     mid_o = mid_lse = out  # one split writes `out` itself: no partials
     if num_splits > 1:
@@ -151,10 +240,13 @@ def decode_attention(
     pdl = pdl_enabled(q.device)
     _split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse, out, counters(q.device, batch * hkv),
-        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        scale, sliding_window or 0,
+        r.k, r.v, r.positions, r.cos, r.sin, r.q_weight if norm else q, r.k_weight if norm else q, r.slots,
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), r.k.stride(0),
+        r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos.stride(0),
+        scale, sliding_window or 0, r.eps,
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision, PDL=pdl,
+        ROPE=rope is not None, NORM=norm,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     return out

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .pdl import enabled as pdl_enabled
 
-__all__ = ["rotary_embedding", "rotary_qk", "rotary_reference"]
+__all__ = ["norm_rope", "rotary_embedding", "rotary_qk", "rotary_reference"]
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,20 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
 
 
 @triton.jit
+def norm_rope(x1, x2, c, s, w_ptr, dims, eps, HALF: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
+    """Heads given as fp32 halves `x1, x2: [heads, BLOCK_D]` -> their rotated halves in `DTYPE`, each head
+    RMS-normalised with the weight at `w_ptr` first when `NORM` (rounded to `DTYPE` as the separate norm would).
+    One definition for every kernel that rotates, so they all give the same bits."""
+    if NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+        x1 = (x1 * rstd[:, None] * w1[None, :]).to(DTYPE).to(tl.float32)
+        x2 = (x2 * rstd[:, None] * w2[None, :]).to(DTYPE).to(tl.float32)
+    return (x1 * c - x2 * s).to(DTYPE), (x2 * c + x1 * s).to(DTYPE)
+
+
+@triton.jit
 def _norm_rope_heads(x_ptr, out_ptr, w_ptr, cache_ptr, slot, t, c, s, stride_xt, stride_xh, stride_ot, stride_oh,
                      eps, HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                      NORM: tl.constexpr, STORE: tl.constexpr):
@@ -74,14 +88,7 @@ def _norm_rope_heads(x_ptr, out_ptr, w_ptr, cache_ptr, slot, t, c, s, stride_xt,
     src = x_ptr + t * stride_xt + heads[:, None] * stride_xh + dims[None, :]
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    if NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
-        w1 = tl.load(w_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
-        x1 = (x1 * rstd[:, None] * w1[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
-        x2 = (x2 * rstd[:, None] * w2[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
-    y1 = (x1 * c - x2 * s).to(out_ptr.dtype.element_ty)
-    y2 = (x2 * c + x1 * s).to(out_ptr.dtype.element_ty)
+    y1, y2 = norm_rope(x1, x2, c, s, w_ptr, dims, eps, HALF, NORM, out_ptr.dtype.element_ty)
     dst = out_ptr + t * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(dst, y1, mask=ok)
     tl.store(dst + HALF, y2, mask=ok)

@@ -25,7 +25,7 @@ if not torch.cuda.is_available() and not INTERPRET:
 from nbllm.kernels.activation import gated_activation, gated_activation_reference
 from nbllm.kernels.argmax_logsumexp import argmax_logsumexp, argmax_logsumexp_reference
 from nbllm.kernels.arrival import counters
-from nbllm.kernels.decode_attention import decode_attention
+from nbllm.kernels.decode_attention import DecodeRope, decode_attention
 from nbllm.kernels.extend_attention import extend_attention
 from nbllm.kernels.paged_attention import paged_attention
 from nbllm.kernels.paged_attention import store_kv as store_kv_reference
@@ -213,3 +213,40 @@ def test_merging_kernels_leave_their_arrival_counters_at_zero() -> None:
     assert torch.equal(runs[0], runs[1])
     assert all(torch.equal(a, b) for a, b in zip(*greedy))
     assert not counters(DEVICE, 1).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_with_rope_gives_the_bits_of_rotary_then_attention(dtype, norm, num_splits) -> None:
+    """q/k norms, rotary and the K/V store inside the attention launch (`DecodeRope`): the same output and the
+    same pools as `rotary_qk` with its store followed by `decode_attention`, bit for bit; a padding row (slot -1,
+    context 0) stores nothing and gets zeros."""
+    bs, hkv, group, window = 16, 2, 2, 40
+    batch = make_batch([(70, 1), (16, 1), (1, 1), (5, 1)], block_size=bs, heads=hkv * group, kv_heads=hkv,
+                       head_dim=HEAD_DIM, dtype=dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    d = on_device(batch)
+    d["context_lens"][3] = 0
+    positions = (d["context_lens"].long() - 1).clamp(min=0)
+    blocks = d["block_tables"].long().gather(1, (positions // bs)[:, None]).squeeze(1)
+    slots = torch.where(d["context_lens"] > 0, blocks * bs + positions % bs, -1)
+    qkv = (torch.randn(4, (hkv * group + 2 * hkv) * HEAD_DIM, generator=gen) * 2).to(dtype).to(DEVICE)
+    q, k, v = (part.view(4, -1, HEAD_DIM) for part in qkv.split((hkv * group * HEAD_DIM, hkv * HEAD_DIM,
+                                                                  hkv * HEAD_DIM), dim=1))
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    freqs = torch.arange(128).float()[:, None] * inv_freq[None]
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    norms = {"q_weight": (1 + 0.3 * torch.randn(HEAD_DIM, generator=gen)).to(dtype).to(DEVICE),
+             "k_weight": (1 + 0.3 * torch.randn(HEAD_DIM, generator=gen)).to(dtype).to(DEVICE),
+             "eps": 1e-6} if norm else {}
+    pools = (d["k_cache"].clone(), d["v_cache"].clone())
+    attend = {"block_tables": d["block_tables"], "context_lens": d["context_lens"], "scale": HEAD_DIM**-0.5,
+              "sliding_window": window, "num_splits": num_splits}
+    rq, _ = rotary_qk(q, k, positions, cos, sin, **norms, store=(v, *pools, slots))
+    want = decode_attention(rq, *pools, **attend)
+    got = decode_attention(q, d["k_cache"], d["v_cache"], **attend,
+                           rope=DecodeRope(k, v, positions, cos, sin, slots, **norms))
+    assert torch.equal(got, want) and not got[3].any()
+    for mine, theirs in zip((d["k_cache"], d["v_cache"]), pools):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)

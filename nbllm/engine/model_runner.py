@@ -137,6 +137,22 @@ class TritonPagedAttention:
         """`layer`'s pools and this step's slots, for a layer that stores its K/V in its rotary kernel."""
         return self.pool.k[layer], self.pool.v[layer], self.slot_mapping
 
+    def forward_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, *, scale: float, sliding_window: int | None,
+                       q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                       eps: float = 0.0) -> torch.Tensor | None:
+        """A decode step's q/k norms (optional), rotary, K/V store and attention in one launch (`DecodeRope`);
+        None where that does not apply (not a decode step, a head size it does not take): the layer then rotates
+        and calls `forward`."""
+        from nbllm.kernels.decode_attention import DecodeRope, decode_attention
+
+        if self.num_splits is None or not DecodeRope.supports(q.shape[-1]):
+            return None
+        return decode_attention(
+            q, self.pool.k[layer], self.pool.v[layer], block_tables=self.block_tables, context_lens=self.context_lens,
+            scale=scale, sliding_window=sliding_window, num_splits=self.num_splits,
+            rope=DecodeRope(k, v, positions, cos, sin, self.slot_mapping, q_weight, k_weight, eps))
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                 sliding_window: int | None, stored: bool = False) -> torch.Tensor:
         from nbllm.kernels import decode_attention, extend_attention

@@ -21,7 +21,9 @@ from nbllm.errors import NbllmError
 class AttentionBackend(Protocol):
     """What an attention layer calls. A paged CUDA backend may also offer `kv_destination(layer)`, returning
     `(k_cache, v_cache, slot_mapping)`: the layer then writes its K/V itself, fused into its rotary kernel, and
-    calls `forward(..., stored=True)`."""
+    calls `forward(..., stored=True)`; and `forward_rotary(layer, q, k, v, positions, cos, sin, ...)`, which takes
+    q and k before their per-head norms and rotary and does those, the K/V store and the attention in one launch
+    (or returns None where it cannot)."""
 
     def forward(
         self,

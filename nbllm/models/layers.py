@@ -279,6 +279,26 @@ class Attention(nn.Module):
         return type(self.rotary) is RotaryEmbedding and (
             self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm))
 
+    def _attend_on_gpu(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       attn: AttentionBackend) -> torch.Tensor:
+        """Per-head norms, rotary, K/V store and attention in as few Triton launches as the backend allows: one
+        on a paged decode step (`forward_rotary`), else the rotary kernel (storing K/V itself where the backend
+        offers `kv_destination`) and the attention."""
+        from nbllm.kernels.rotary import rotary_qk
+
+        norms = {} if self.q_norm is None else {
+            "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
+        window = {"scale": self.scale, "sliding_window": self.sliding_window}
+        fused = getattr(attn, "forward_rotary", None)  # optional (`AttentionBackend`)
+        if fused is not None:
+            out = fused(self.layer, q, k, v, positions, self.rotary.cos, self.rotary.sin, **window, **norms)
+            if out is not None:
+                return out
+        destination = getattr(attn, "kv_destination", None)  # optional (`AttentionBackend`)
+        store = None if destination is None else (v, *destination(self.layer))
+        q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms, store=store)
+        return attn.forward(self.layer, q, k, v, **window, **({"stored": True} if store is not None else {}))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend, *,
                 norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """`o_proj(attention(x')) + residual`, `x' = norm(x)` (both optional: `project` fuses them)."""
@@ -293,28 +313,20 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        stored = False
-        if x.is_cuda:  # per-head norms and rotary of q and k, and the K/V store where it can, in one Triton launch
-            from nbllm.kernels.rotary import rotary_qk
-
-            norms = {} if self.q_norm is None else {
-                "q_weight": self.q_norm.weight, "k_weight": self.k_norm.weight, "eps": self.q_norm.eps}
-            destination = getattr(attn, "kv_destination", None)  # optional (`AttentionBackend`)
-            store = None if destination is None else (v, *destination(self.layer))
-            q, k = rotary_qk(q, k, positions, self.rotary.cos, self.rotary.sin, **norms, store=store)
-            stored = store is not None
-        elif self._plain_rope_and_norms() and cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(
-                k, self.rotary.cos):
-            rope = (positions, self.rotary.cos, self.rotary.sin)
-            if self.q_norm is None:
-                q, k = cpu_rotary.norm_rotary(q, *rope), cpu_rotary.norm_rotary(k, *rope)
-            else:
-                q = cpu_rotary.norm_rotary(q, *rope, self.q_norm.weight, self.q_norm.eps)
-                k = cpu_rotary.norm_rotary(k, *rope, self.k_norm.weight, self.k_norm.eps)
+        if x.is_cuda:
+            out = self._attend_on_gpu(q, k, v, positions, attn)
         else:
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        extra = {"stored": True} if stored else {}
-        out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window, **extra)
+            if self._plain_rope_and_norms() and cpu_rotary.supports(q, self.rotary.cos) and cpu_rotary.supports(
+                    k, self.rotary.cos):
+                rope = (positions, self.rotary.cos, self.rotary.sin)
+                if self.q_norm is None:
+                    q, k = cpu_rotary.norm_rotary(q, *rope), cpu_rotary.norm_rotary(k, *rope)
+                else:
+                    q = cpu_rotary.norm_rotary(q, *rope, self.q_norm.weight, self.q_norm.eps)
+                    k = cpu_rotary.norm_rotary(k, *rope, self.k_norm.weight, self.k_norm.eps)
+            else:
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            out = attn.forward(self.layer, q, k, v, scale=self.scale, sliding_window=self.sliding_window)
         return project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim), residual=residual)
