@@ -32,9 +32,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-# Module constants: looking a member up on its enum costs ~0.1 us on Python 3.11, and the status is tested
+# Looking a member up on its enum costs ~0.1 us on Python 3.11, and whether a sequence has finished is asked
 # several times per sequence per step.
-_RUNNING, _FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+_FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass(eq=False)
