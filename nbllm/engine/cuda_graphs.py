@@ -4,11 +4,13 @@ A decode step of a small model is launch-bound: each layer is a dozen small kern
 GPU work and as much of Python and driver time to launch. So, as vLLM and nano-vllm do, the whole forward plus
 the logits of a decode batch is captured once per batch size bucket (1, 2, 4, 8, then every 16 up to
 `max_batch`) over static input buffers; a step copies its inputs into the buffers of the smallest bucket that
-holds it and replays. The graph also begins and ends the host's per-token work on the device: it first replaces
-the input ids that are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and ends
-with each row's argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
-(`SamplingBatch.plain_greedy`) is one replay and the copy of its tokens to the host, with no sampling launches. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
+holds it and replays. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
 kernel writes zeros for them, so they cost a little compute and touch no real sequence.
+
+The graph also begins and ends the host's per-token work on the device: it first replaces the input ids that
+are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and ends with each row's
+argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
+(`SamplingBatch.plain_greedy`) is one replay and the copy of its tokens to the host, with no sampling launch.
 
 All buckets are captured together, largest first, at the first decode step, sharing one memory pool (the
 graphs never run concurrently). The decode attention's split count is fixed per bucket
@@ -83,7 +85,7 @@ class DecodeGraphs:
         host[3, :batch] = inputs.context_lens
         width = inputs.block_tables.shape[1]
         host_tables.numpy()[:batch, :width] = inputs.block_tables
-        self._inputs[:, :size].copy_(host_inputs[:, :size], non_blocking=True)
+        self._inputs.copy_(host_inputs, non_blocking=True)  # all of it: a column slice would be staged pageable
         self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
         self._copied[turn].record()
         if placeholders is not None and placeholders.data_ptr() != self.sampled.data_ptr():
