@@ -48,6 +48,15 @@ def build_model(directory: Path) -> Path:
     return path
 
 
+def random_logits(vocab: int):
+    """A stand-in for `ModelRunner.run` (`--stub-forward`): random logits for the step's rows, no forward."""
+
+    def run(copies, inputs, placeholders=None):
+        return torch.randn(len(inputs.logit_rows), vocab)
+
+    return run
+
+
 class StepTimer:
     """Wraps the engine's runner and sampler to time each step's forward and sampling separately."""
 
@@ -56,12 +65,8 @@ class StepTimer:
         self.engine = engine
         self.run_s = self.sample_s = 0.0
         self.full_decode = False
-        run, sampler = engine.runner.run, engine.sampler
-        if stub_forward:
-            vocab = llm.config.vocab_size
-
-            def run(copies, inputs, placeholders=None):
-                return torch.randn(len(inputs.logit_rows), vocab)
+        run = random_logits(llm.config.vocab_size) if stub_forward else engine.runner.run
+        sampler = engine.sampler
 
         def timed_run(copies, inputs, placeholders=None):
             self.full_decode = inputs.is_decode and len(inputs.logit_rows) == self.batch

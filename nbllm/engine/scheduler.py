@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nbllm.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
+from nbllm.engine.block_manager import BlockManager, NoFreeBlocks
 from nbllm.engine.radix_cache import PrefixMatch, RadixCache
 from nbllm.engine.sequence import Sequence, SequenceStatus
 
