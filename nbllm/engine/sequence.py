@@ -129,7 +129,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.status is _FINISHED for s in self.seqs)
+        for seq in self.seqs:  # a loop, not all() over a generator: asked for every request's output, every step
+            if seq.status is not _FINISHED:
+                return False
+        return True
 
     def output(self, *, final: bool = False) -> RequestOutput:
         return RequestOutput(
