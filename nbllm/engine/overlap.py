@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nbllm.engine.sampler import SampleResult, SamplingBatch
+from nbllm.engine.sampler import SampleResult
 from nbllm.errors import NbllmError
 
 if TYPE_CHECKING:
@@ -96,9 +96,6 @@ class OverlapLoop:
         # Host seconds spent waiting for sampled ids: near zero when the host is the bottleneck (benchmarks).
         self.wait_seconds = 0.0
         self._plain_at: int | None = None  # the request counter when every request was last found plain
-        # The sampling settings of the last launch and whose rows they were: a decode batch keeps its rows for
-        # many steps, and plain rows' settings do not change (no penalties, so no token history in them).
-        self._sampling: tuple[list[int], SamplingBatch] | None = None
         # Pinned buffers for the sampled ids and log-probabilities, two sets used in turn: a launch's copy lands in
         # one while the step before it, resolved after that launch, is still read from the other.
         self._staging: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
@@ -152,10 +149,8 @@ class OverlapLoop:
             return None
         for seq in ready:
             seq.request.forked = True  # n = 1: nothing to fork
-        rows = [seq.seq_id for seq in ready]
-        if self._sampling is None or self._sampling[0] != rows:
-            self._sampling = rows, core._sampling_batch(ready, [[] for _ in ready])
-        sampling = self._sampling[1]
+        # Plain rows: no penalties, so no token history (the engine reuses the settings while the rows stay).
+        sampling = core._sampling_batch(ready, [[]] * len(ready))
         result = core.runner.graph_greedy() if sampling.plain_greedy else None  # the graph sampled already
         if result is None:
             result = core.sampler(logits, sampling)
