@@ -57,7 +57,7 @@ class SamplingBatch:
     random_scaled: bool = True
     random_filtered: bool = True
     # Every row greedy with no penalty and no top log-probabilities: the tokens are the rows' argmax, which a
-    # CUDA decode graph takes itself (`greedy`), so such a step needs no sampling launch at all.
+    # CUDA decode graph takes itself (`DecodeGraphs.greedy`), so such a step needs no sampling launch at all.
     plain_greedy: bool = False
 
     @property
