@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# `python3 -m pytest` puts the working directory first on sys.path, and at the repository root our `kernels/`
+# folder (installed as `nbllm.kernels`) would then shadow the PyPI package `kernels`, which transformers (the tests'
+# reference, >= 5.25) imports. The tests need nothing from the root on the path: nbllm is installed.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 
 @pytest.fixture(scope="session")
