@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nbllm.constrain import SchemaError, compile_json_schema
 from nbllm.constrain.json_text import FORMATS, canonical_json
-from tests.constrain_schemas import SCHEMAS, SchemaCase
+from constrain_schemas import SCHEMAS, SchemaCase
 
 _MISSING = object()
 _FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
