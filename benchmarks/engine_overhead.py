@@ -8,7 +8,8 @@ the CPU, where the forward is cheap: each `EngineCore.step()` is timed, and the 
 full decode batch count (every sequence computes one token), so prefill and the ragged tail are left out.
 
     python benchmarks/engine_overhead.py [--batch 1,64,256] [--steps 300] [--mode sync,overlap] [--repeat 3]
-                                         [--stub-forward] [--freeze-gc] [--profile]
+                                         [--outputs cumulative,final_only] [--stub-forward] [--freeze-gc]
+                                         [--profile]
 
 Columns: median and mean host microseconds a step (the median of the best of `--repeat` runs: the box is shared;
 the mean over all runs, so it includes garbage-collection pauses), host microseconds a token (median / batch), and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import itertools
 import pstats
 import statistics
 import sys
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 from tiny_models import build_hf_model, random_prompts, write_gguf  # noqa: E402
 
 import nbllm  # noqa: E402
-from nbllm import LLM, SamplingParams  # noqa: E402
+from nbllm import LLM, RequestOutputKind, SamplingParams  # noqa: E402
 
 PROMPT_TOKENS = 24
 
@@ -87,12 +89,13 @@ class StepTimer:
         engine.sampler = timed_sampler
         self.batch = 0
 
-    def decode(self, batch: int, steps: int, *, profile: cProfile.Profile | None) -> list[tuple[float, float, float]]:
+    def decode(self, batch: int, steps: int, *, profile: cProfile.Profile | None,
+               outputs: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> list[tuple[float, float, float]]:
         """Run `batch` greedy requests for `steps` output tokens; (host, forward, sampler) seconds of each full
         decode step."""
         engine = self.engine
         self.batch = batch
-        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, output_kind=outputs)
         for i, prompt in enumerate(random_prompts([PROMPT_TOKENS] * batch, seed=batch)):
             engine.add_request(f"b{batch}-{i}-{time.perf_counter_ns()}", prompt, params)
         samples = []
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the forward is not measured)")
     parser.add_argument("--freeze-gc", action="store_true",
                         help="gc.freeze() once the engine is built: its objects leave the collector's full passes")
+    parser.add_argument("--outputs", default="cumulative,final_only",
+                        help="RequestOutputKind values to measure: every step's outputs, or the final ones only")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,9 +134,9 @@ def main() -> None:
           f"gc {'frozen after start-up' if args.freeze_gc else 'as is'}")
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp))
-        print("| mode | batch | steps | host us/step (median) | host us/step (mean) | host us/token | "
+        print("| mode | outputs | batch | steps | host us/step (median) | host us/step (mean) | host us/token | "
               "forward us | sampler us |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for mode in args.mode.split(","):
             llm = LLM(path, device="cpu", kv_cache_tokens=max(batches) * (PROMPT_TOKENS + args.steps + 32),
                       max_num_seqs=max(batches), max_num_batched_tokens=max(1024, max(batches) * PROMPT_TOKENS))
@@ -141,13 +146,14 @@ def main() -> None:
                 gc.freeze()
             timer = StepTimer(llm, stub_forward=args.stub_forward)
             timer.decode(min(batches), 8, profile=None)  # warm-up: first calls, lazy imports
-            for batch in batches:
+            for batch, kind in itertools.product(batches, args.outputs.split(",")):
                 profile = cProfile.Profile() if args.profile else None
-                runs = [timer.decode(batch, args.steps, profile=profile) for _ in range(args.repeat)]
+                outputs = RequestOutputKind(kind)
+                runs = [timer.decode(batch, args.steps, profile=profile, outputs=outputs) for _ in range(args.repeat)]
                 best = min(runs, key=lambda samples: statistics.median(s[0] for s in samples))
                 med = statistics.median(s[0] for s in best) * 1e6
                 mean = statistics.fmean(s[0] for samples in runs for s in samples) * 1e6
-                print(f"| {mode} | {batch} | {len(best)} | {med:.0f} | {mean:.0f} | {med / batch:.1f} | "
+                print(f"| {mode} | {kind} | {batch} | {len(best)} | {med:.0f} | {mean:.0f} | {med / batch:.1f} | "
                       f"{statistics.median(s[1] for s in best) * 1e6:.0f} | "
                       f"{statistics.median(s[2] for s in best) * 1e6:.0f} |", flush=True)
                 if profile is not None:

@@ -37,7 +37,7 @@ import torch
 
 from nbllm.engine.core import EngineCore, num_blocks_for
 from nbllm.engine.model_runner import gpu_kv_memory_bytes
-from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from nbllm.engine.scheduler import SchedulerConfig
 from nbllm.models.base import CausalLM
 from nbllm.models.config import ModelConfig
@@ -192,10 +192,12 @@ class Workload:
 
 
 def nano_vllm_workload(n: int = 256) -> Workload:
-    """nano-vllm's bench.py: seed 0, prompts of uniform 100-1024 random ids < 10000, outputs uniform 100-1024."""
+    """nano-vllm's bench.py: seed 0, prompts of uniform 100-1024 random ids < 10000, outputs uniform 100-1024;
+    final outputs only, as its `llm.generate` (and ours) asks for them."""
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024),
+                             output_kind=RequestOutputKind.FINAL_ONLY) for _ in range(n)]
     return Workload(prompts, params)
 
 
@@ -204,7 +206,8 @@ def shared_prefix_workload(n: int = 128, prefix: int = 2048) -> Workload:
     rng = random.Random(1)
     system = [rng.randint(3, 10000) for _ in range(prefix)]
     prompts = [system + [rng.randint(3, 10000) for _ in range(rng.randint(50, 200))] for _ in range(n)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 200)) for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 200),
+                             output_kind=RequestOutputKind.FINAL_ONLY) for _ in range(n)]
     return Workload(prompts, params)
 
 

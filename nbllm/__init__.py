@@ -14,6 +14,7 @@ _LAZY = {
     "LLM": "nbllm.engine.llm",
     "SamplingParams": "nbllm.engine.sampling_params",
     "InvalidSamplingParams": "nbllm.engine.sampling_params",
+    "RequestOutputKind": "nbllm.engine.sampling_params",
     "RequestOutput": "nbllm.engine.outputs",
     "CompletionOutput": "nbllm.engine.outputs",
 }

@@ -190,3 +190,40 @@ def test_interrupt_leaves_no_request_and_no_block(tiny_llama, reference) -> None
     assert_no_leak(llm)
     p = prompts(1, seed=13)[0]
     assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == reference(p)
+
+
+def test_final_only_requests_get_one_output_equal_to_the_streamed_ones_last(tiny_llama) -> None:
+    """RequestOutputKind.FINAL_ONLY (what `LLM.generate` asks for): the engine builds one output per request, when
+    it finishes, equal to the last of the outputs a CUMULATIVE request with the same settings streams; a
+    CUMULATIVE request in the same batch keeps its per-step outputs."""
+    from nbllm import RequestOutputKind
+
+    llm = make_llm(tiny_llama)
+    engine = llm.engine
+    settings = {"max_tokens": 12, "temperature": 0.8, "seed": 5, "logprobs": 1, "ignore_eos": True}
+    final = SamplingParams(**settings, output_kind=RequestOutputKind.FINAL_ONLY)
+    streamed = SamplingParams(**settings)
+    prompt = prompts(1, seed=9)[0]
+    engine.add_request("final", prompt, final)
+    engine.add_request("streamed", prompt, streamed)
+    seen: dict[str, list] = {"final": [], "streamed": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["final"]) == 1 and seen["final"][0].finished
+    assert len(seen["streamed"]) > 1
+    got, want = seen["final"][0].outputs[0], seen["streamed"][-1].outputs[0]
+    assert (got.token_ids, got.text, got.finish_reason, got.logprobs) == (
+        want.token_ids, want.text, want.finish_reason, want.logprobs)
+    assert got.text_delta == got.text  # nothing of it was emitted before
+    assert_no_leak(llm)
+
+
+def test_generate_leaves_the_callers_sampling_params_as_they_were(tiny_llama) -> None:
+    from nbllm import RequestOutputKind
+
+    llm = make_llm(tiny_llama)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    outs = llm.generate(prompts(3, seed=2), params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4, 4]
+    assert params.output_kind is RequestOutputKind.CUMULATIVE

@@ -55,6 +55,7 @@ def test_defaults_match_vllm():
         ("grammar", ["root ::= x"], "a string"),
         ("choices", [], "a non-empty list of strings"),
         ("choices", ["a", 1], "a non-empty list of strings"),
+        ("output_kind", "final_only", "RequestOutputKind.CUMULATIVE or RequestOutputKind.FINAL_ONLY"),
     ],
 )
 def test_invalid_field_names_field_value_and_range(field, value, allowed):

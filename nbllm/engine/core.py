@@ -9,6 +9,7 @@ incremental detokenizer and checking stops.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from nbllm.engine.outputs import RequestMetrics, RequestOutput
 from nbllm.engine.overlap import OverlapLoop
 from nbllm.engine.radix_cache import RadixCache, host_tier_stats
 from nbllm.engine.sampler import Sampler, SampleResult, SamplingBatch
-from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from nbllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from nbllm.engine.sequence import Request, Sequence
 from nbllm.engine.spec_decode import SpeculativeConfig, num_accepted, propose_ngram
@@ -203,7 +204,7 @@ class EngineCore:
                 self._accept(seq, tokens[row : row + k + 1], chosen, result, row)
                 touched[seq.request.request_id] = seq.request
                 row += k + 1
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
 
     def forward(self) -> tuple[list[Sequence], torch.Tensor]:
         """Schedule and run one batch: the sequences whose pending tokens are now all computed and their logits
@@ -373,6 +374,12 @@ class EngineCore:
         if seq.finish_reason is not None:
             seq.text += seq.detokenizer.flush() if seq.finish_reason == "length" else ""
             self.scheduler.finish(seq)
+
+    def _outputs(self, changed: Iterable[Request]) -> list[RequestOutput]:
+        """The outputs of the requests a step changed: each one's new state, but a FINAL_ONLY request's only
+        once it has finished (nothing is built for it before)."""
+        return [self._output(r) for r in changed
+                if r.finished or r.params.output_kind is not RequestOutputKind.FINAL_ONLY]
 
     def _output(self, request: Request) -> RequestOutput:
         out = request.output()

@@ -7,6 +7,7 @@ propagates, so the engine serves the next call as if nothing happened.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from nbllm.engine.beam_search import BeamSearch, BeamSearchOutput
 from nbllm.engine.core import EngineCore, PromptTooLongError, num_blocks_for
 from nbllm.engine.model_runner import KVPool
 from nbllm.engine.outputs import RequestOutput
-from nbllm.engine.sampling_params import SamplingParams
+from nbllm.engine.sampling_params import RequestOutputKind, SamplingParams
 from nbllm.engine.scheduler import SchedulerConfig
 from nbllm.engine.spec_decode import SpeculativeConfig
 from nbllm.errors import NbllmError
@@ -159,7 +160,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched; outputs in input order."""
         finished: dict[int, RequestOutput] = {}
-        for index, out in self._run(prompts, sampling_params):
+        for index, out in self._run(prompts, sampling_params, final_only=True):
             if out.finished:
                 finished[index] = out
         return [finished[i] for i in range(len(finished))]
@@ -177,14 +178,19 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        *,
+        final_only: bool = False,
     ) -> Iterator[tuple[int, RequestOutput]]:
-        """Queue every prompt (all checked before any work), then step the engine until they finish.
+        """Queue every prompt (all checked before any work), then step the engine until they finish; with
+        `final_only` the engine builds each request's output only when it finishes (`RequestOutputKind`).
 
         Whatever ends the loop — completion, an interrupt, an error, the consumer closing the iterator — the
         requests of this call are aborted, so their blocks go back to the pool.
         """
         prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = _broadcast(sampling_params, len(prompt_list))
+        if final_only:
+            params = _final_only(params)
         encoded = [self._encode(p) for p in prompt_list]
         index = {f"gen-{next(self._ids)}": i for i in range(len(prompt_list))}
         try:
@@ -347,6 +353,15 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype, tensor_parallel_
 
 def _is_single_prompt(prompts: Any) -> bool:
     return isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], int))
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """Copies of `params` asking for final outputs only, one per distinct object (the caller's stay as they are)."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies[id(p)] for p in params]
 
 
 def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

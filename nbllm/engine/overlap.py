@@ -183,7 +183,7 @@ class OverlapLoop:
                 continue
             self.core._append(seq, tokens[row], chosen[row], inflight.host, row)  # no draft, no grammar here
             touched[seq.request.request_id] = seq.request
-        return [self.core._output(r) for r in touched.values()]
+        return self.core._outputs(touched.values())
 
     def _advance(self, batch: ScheduledBatch, launched: InflightStep | None) -> None:
         """The host state after `batch` ran, as the synchronous step leaves it, with a placeholder where each

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from nbllm.errors import NbllmError
@@ -23,13 +24,26 @@ class InvalidSamplingParams(NbllmError, ValueError):
     """A `SamplingParams` field is out of range or of the wrong type; the message names field, value, range."""
 
 
+class RequestOutputKind(Enum):
+    """Which outputs the engine builds for a request (vLLM's names).
+
+    CUMULATIVE: the request's state after every step that changed it; its `text_delta` and `token_ids_delta` say
+    what is new, so it also serves as vLLM's DELTA stream. FINAL_ONLY: one output, when the request finishes —
+    what a batch `LLM.generate` needs; the engine then builds nothing per step (at batch 256 the per-step outputs,
+    each copying the token ids so far, were the largest part of the host's work after the sampler).
+    """
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings; `temperature == 0` means greedy (top-k, top-p and min-p then ignored).
 
     `logprobs` is the number of most likely tokens to report besides the sampled one (0: only the sampled
     token's log-probability). `json_schema`, `regex`, `choices` and `grammar` constrain the output; at most
-    one may be given.
+    one may be given. `output_kind`: every step's state, or only the final output (`RequestOutputKind`).
     """
 
     max_tokens: int = 16
@@ -51,6 +65,7 @@ class SamplingParams:
     regex: str | None = None
     choices: list[str] | None = None
     grammar: str | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
@@ -71,6 +86,8 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            _fail("output_kind", self.output_kind, "RequestOutputKind.CUMULATIVE or RequestOutputKind.FINAL_ONLY")
         if self.is_greedy and self.n > 1:
             _fail("n", self.n, "1 when temperature is 0 (greedy outputs would all be identical)")
 
