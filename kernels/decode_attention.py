@@ -32,7 +32,7 @@ import triton.language as tl
 from .arrival import counters, last_arrival
 from .paged_tile import paged_softmax_tile
 from .pdl import enabled as pdl_enabled
-from .rotary import norm_rope
+from .rotary import norm_rope, rotation
 
 __all__ = ["DecodeRope", "decode_attention", "default_num_splits"]
 
@@ -73,19 +73,9 @@ def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 @triton.jit
-def _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, HALF: tl.constexpr):
-    halves = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + b).to(tl.int64)
-    c = tl.load(cos_ptr + pos * stride_c + halves)[None, :]
-    s = tl.load(sin_ptr + pos * stride_c + halves)[None, :]
-    return halves, c, s
-
-
-@triton.jit
-def _rotated_query(q_ptr, b, heads, row_ok, pos_ptr, cos_ptr, sin_ptr, qw_ptr, stride_qb, stride_qh, stride_c, eps,
-                   D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+def _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
     """The query group's heads, RMS-normalised and rotated exactly as `rotary_qk` does, as `[BLOCK_H, D]`."""
-    halves, c, s = _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2)
     src = q_ptr + b * stride_qb + heads[:, None] * stride_qh + halves[None, :]
     x1 = tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)
     x2 = tl.load(src + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -94,14 +84,13 @@ def _rotated_query(q_ptr, b, heads, row_ok, pos_ptr, cos_ptr, sin_ptr, qw_ptr, s
 
 
 @triton.jit
-def _store_new_kv(k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kw_ptr, slots_ptr, b, kv_head,
-                  stride_kb, stride_kh, stride_vb, stride_vh, stride_c, eps, HKV: tl.constexpr, D: tl.constexpr,
-                  BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+def _store_new_kv(k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, halves, c, s, kw_ptr, slots_ptr, b, kv_head, stride_kb,
+                  stride_kh, stride_vb, stride_vh, eps, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NORM: tl.constexpr):
     """The step's key for this KV head (normalised and rotated as `rotary_qk` does) and its value, written into
     the pools at the sequence's slot (-1: a padding row, nothing), visible to this program's later loads."""
     slot = tl.load(slots_ptr + b).to(tl.int64)
     if slot >= 0:
-        halves, c, s = _rotary_table(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2)
         src = k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
         y1, y2 = norm_rope(tl.load(src).to(tl.float32), tl.load(src + D // 2).to(tl.float32), c, s, kw_ptr, halves,
                            eps, D // 2, NORM, k_ptr.dtype.element_ty)
@@ -143,11 +132,12 @@ def _split_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     if ROPE:  # q is this step's projection: normalise and rotate it here, and store the new key and value
-        q = _rotated_query(q_ptr, b, heads, row_ok, pos_ptr, cos_ptr, sin_ptr, qw_ptr, stride_qb, stride_qh,
-                           stride_c, eps, D, BLOCK_H, BLOCK_D, NORM)
+        halves, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2, D // 2)
+        q = _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D, BLOCK_H,
+                           BLOCK_D, NORM)
         if split == (ctx - 1 - first) // per_split:  # the split that reads the new key stores it first
-            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, pos_ptr, cos_ptr, sin_ptr, kw_ptr, slots_ptr, b,
-                          kv_head, stride_kb, stride_kh, stride_vb, stride_vh, stride_c, eps, HKV, D, BLOCK_D, NORM)
+            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, halves, c, s, kw_ptr, slots_ptr, b, kv_head, stride_kb,
+                          stride_kh, stride_vb, stride_vh, eps, HKV, D, BLOCK_D, NORM)
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .pdl import enabled as pdl_enabled
 
-__all__ = ["norm_rope", "rotary_embedding", "rotary_qk", "rotary_reference"]
+__all__ = ["norm_rope", "rotary_embedding", "rotary_qk", "rotary_reference", "rotation"]
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,16 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
                                   BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(half),
                                   num_warps=4)
     return out
+
+
+@triton.jit
+def rotation(pos_ptr, cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token `t`'s rotary row: `(dims, cos, sin)`, `dims = arange(BLOCK_D)`, cos/sin `[1, BLOCK_D]` (0 past HALF)."""
+    dims = tl.arange(0, BLOCK_D)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    c = tl.load(cos_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
+    s = tl.load(sin_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
+    return dims, c, s
 
 
 @triton.jit
@@ -110,10 +120,7 @@ def _qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cos_
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # q, k and v come from the projection before
     t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    c = tl.load(cos_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
-    s = tl.load(sin_ptr + pos * stride_c + dims, mask=dims < HALF, other=0.0)[None, :]
+    _, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_D)
     if tl.program_id(1) == 0:
         _norm_rope_heads(q_ptr, q_out_ptr, qw_ptr, q_out_ptr, -1, t, c, s, stride_qt, stride_qh, stride_qot,
                          stride_qoh, eps, HQ, HALF, BLOCK_Q, BLOCK_D, NORM, False)
