@@ -60,8 +60,13 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _block_k(rows: int, k: int, block_n: int) -> int:
     """A K tile of at most 8192 products a step (64 fp32 accumulators a thread at 4 warps), one that divides K
-    where a power of two >= 64 does (no masked tail: 3072 -> 1024, not 2048)."""
-    budget = min(triton.next_power_of_2(k), max(64, 8192 // (triton.next_power_of_2(rows) * block_n)))
+    where a power of two >= 64 does (no masked tail: 3072 -> 1024, not 2048). Except where K is no power of two
+    but its next one holds at most 16384 products: then all of K in one masked tile (3072 -> 4096), one DRAM
+    round trip a program instead of three (Qwen3-0.6B's down projection: 2% of a batch-1 step on an H200)."""
+    whole = triton.next_power_of_2(k)
+    if whole != k and whole * triton.next_power_of_2(rows) * block_n <= 16384:
+        return whole
+    budget = min(whole, max(64, 8192 // (triton.next_power_of_2(rows) * block_n)))
     tile = budget
     while tile > 64 and k % tile:
         tile //= 2
