@@ -18,7 +18,9 @@ weight). With one split the program writes its output directly. On Hopper the la
 A decode step's q/k norms, rotary and K/V store can ride in the same launch (`DecodeRope`): each program
 normalises and rotates its query group itself (a few hundred bytes), and the split whose slice ends at the new
 token writes that token's key and value into the pools before reading them. One launch a layer fewer, and the
-same bits as `rotary_qk` followed by this kernel (both rotate through `rotary.norm_rope`).
+same bits as `rotary_qk` followed by this kernel (both rotate through `rotary.norm_rope`). It also lets each
+program gather its first K/V tile before the programmatic-dependent wait, while the q/k/v projection still runs:
+the tile then lacks only the new key and value, which the split that stores them patches in from registers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .arrival import counters, last_arrival
-from .paged_tile import paged_softmax_tile
+from .paged_tile import fold_tile, paged_kv_tile, paged_softmax_tile
 from .pdl import enabled as pdl_enabled
 from .rotary import norm_rope, rotation
 
@@ -84,23 +86,16 @@ def _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, str
 
 
 @triton.jit
-def _store_new_kv(k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, halves, c, s, kw_ptr, slots_ptr, b, kv_head, stride_kb,
-                  stride_kh, stride_vb, stride_vh, eps, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NORM: tl.constexpr):
-    """The step's key for this KV head (normalised and rotated as `rotary_qk` does) and its value, written into
-    the pools at the sequence's slot (-1: a padding row, nothing), visible to this program's later loads."""
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    if slot >= 0:
-        src = k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
-        y1, y2 = norm_rope(tl.load(src).to(tl.float32), tl.load(src + D // 2).to(tl.float32), c, s, kw_ptr, halves,
-                           eps, D // 2, NORM, k_ptr.dtype.element_ty)
-        row = (slot * HKV + kv_head) * D
-        tl.store(k_cache_ptr + row + halves[None, :], y1.to(k_cache_ptr.dtype.element_ty))
-        tl.store(k_cache_ptr + row + D // 2 + halves[None, :], y2.to(k_cache_ptr.dtype.element_ty))
-        dims = tl.arange(0, BLOCK_D)
-        value = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + dims)
-        tl.store(v_cache_ptr + row + dims, value.to(v_cache_ptr.dtype.element_ty))
-    tl.debug_barrier()  # the stores land before any thread of this program reads the tile that holds them
+def _new_kv(k_ptr, v_ptr, halves, c, s, kw_ptr, b, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, eps,
+            D: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
+    """The step's key for this KV head (normalised and rotated as `rotary_qk` does) and its value, as `[1, D]`
+    rows in the pools' type `DTYPE`: what the pools hold once they are stored."""
+    src = k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
+    y1, y2 = norm_rope(tl.load(src).to(tl.float32), tl.load(src + D // 2).to(tl.float32), c, s, kw_ptr, halves, eps,
+                       D // 2, NORM, k_ptr.dtype.element_ty)
+    key = tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (1, BLOCK_D)).to(DTYPE)
+    value = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + tl.arange(0, BLOCK_D))[None, :].to(DTYPE)
+    return key, value
 
 
 @triton.jit
@@ -118,7 +113,8 @@ def _split_kernel(
     split = tl.program_id(2)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()  # q and this step's keys come from the kernel before
+    # Until the wait: only what the host copied in before the step (lengths, positions, block tables), the rotary
+    # tables and K/V of earlier steps; never what this step's kernels write.
     ctx = tl.load(ctx_ptr + b)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     # Whole tiles per split, at least one: a short sequence fills its first splits and leaves the rest empty.
@@ -131,23 +127,46 @@ def _split_kernel(
     row_ok = rows < GROUP
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    if ROPE:  # q is this step's projection: normalise and rotate it here, and store the new key and value
-        halves, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2, D // 2)
-        q = _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D, BLOCK_H,
-                           BLOCK_D, NORM)
-        if split == (ctx - 1 - first) // per_split:  # the split that reads the new key stores it first
-            _store_new_kv(k_ptr, v_ptr, new_k_ptr, new_v_ptr, halves, c, s, kw_ptr, slots_ptr, b, kv_head, stride_kb,
-                          stride_kh, stride_vb, stride_vh, eps, HKV, D, BLOCK_D, NORM)
-    else:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-
+    table = tables_ptr + b * stride_tb
     m_i = tl.full([BLOCK_H], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
+    if ROPE:  # q is this step's projection: normalise and rotate it here, and store the new key and value
+        halves, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2, D // 2)
+        new = ctx - 1
+        # The first tile now, all but the new key (its row comes from registers below): the gather overlaps the
+        # kernel before instead of following it.
+        pos, k, v = paged_kv_tile(k_ptr, v_ptr, table, lo, tl.minimum(hi, new), kv_head, dims, dim_ok, HKV, D,
+                                  BLOCK_N, BLOCK_SIZE)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # q and this step's keys come from the kernel before
+        q = _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D, BLOCK_H,
+                           BLOCK_D, NORM)
+        if split == (new - first) // per_split:  # the split that reads the new key stores it first
+            key, value = _new_kv(new_k_ptr, new_v_ptr, halves, c, s, kw_ptr, b, kv_head, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, eps, D, BLOCK_D, NORM, k_ptr.dtype.element_ty)
+            slot = tl.load(slots_ptr + b).to(tl.int64)
+            if slot >= 0:  # -1: a padding row, nothing
+                row = (slot * HKV + kv_head) * D + dims[None, :]
+                tl.store(k_ptr + row, key)
+                tl.store(v_ptr + row, value)
+            tl.debug_barrier()  # the stores land before any thread of this program reads a later tile holding them
+            mine = (pos == new)[:, None] & (slot >= 0)
+            k = tl.where(mine, key, k)
+            v = tl.where(mine, value, v)
+        if lo < hi:
+            m_i, l_i, acc = fold_tile(q, m_i, l_i, acc, pos, k, v, hi, m_i, scale, window, CAUSAL=False,
+                                      PRECISION=PRECISION)
+        rest = lo + BLOCK_N
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # q and this step's keys come from the kernel before
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        rest = lo
+    for start in range(rest, hi, BLOCK_N):
         m_i, l_i, acc = paged_softmax_tile(
-            q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, start, hi, kv_head, dims, dim_ok, m_i,
+            q, m_i, l_i, acc, k_ptr, v_ptr, table, start, hi, kv_head, dims, dim_ok, m_i,
             scale, window, CAUSAL=False, HKV=HKV, D=D, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE, PRECISION=PRECISION)
 
     empty = l_i == 0.0

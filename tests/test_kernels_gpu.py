@@ -218,11 +218,13 @@ def test_merging_kernels_leave_their_arrival_counters_at_zero() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_attention_with_rope_gives_the_bits_of_rotary_then_attention(dtype, norm, num_splits) -> None:
+@pytest.mark.parametrize("window", [40, None])
+def test_decode_attention_with_rope_gives_the_bits_of_rotary_then_attention(dtype, norm, num_splits, window) -> None:
     """q/k norms, rotary and the K/V store inside the attention launch (`DecodeRope`): the same output and the
     same pools as `rotary_qk` with its store followed by `decode_attention`, bit for bit; a padding row (slot -1,
-    context 0) stores nothing and gets zeros."""
-    bs, hkv, group, window = 16, 2, 2, 40
+    context 0) stores nothing and gets zeros. Without the window and with one split, the 70-key sequence's new key
+    lies in its split's second tile (the first is gathered before the new key exists); otherwise in the first."""
+    bs, hkv, group = 16, 2, 2
     batch = make_batch([(70, 1), (16, 1), (1, 1), (5, 1)], block_size=bs, heads=hkv * group, kv_heads=hkv,
                        head_dim=HEAD_DIM, dtype=dtype, seed=11)
     gen = torch.Generator().manual_seed(12)
