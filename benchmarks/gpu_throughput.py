@@ -519,11 +519,44 @@ def profile_batch1(engine: EngineCore, path: str) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(50):
             engine.step()
+    device_events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA]
     Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
                           + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25) + "\n\n"
-                          + python_profile(engine, 20))
+                          + chain_shares(device_events, steps=50) + "\n\n" + python_profile(engine, 20))
     for rid in list(engine.requests):
         engine.abort(rid)
+
+
+def chain_shares(events: list[tuple[str, float, float]], steps: int, anchor: str = "_split_kernel") -> str:
+    """What each kernel of a step adds to the chain's end, from the device's `(name, start, end)` records (µs).
+
+    With programmatic-dependent launch a kernel starts while the one before it drains, so its span overstates its
+    cost; its *share* is how much later the device's work ends because of it, `end - max(start, previous end)`,
+    and time with nothing running is idle. Kernels are told apart by name and by their place after the last
+    decode-attention launch (`anchor`): in a decoder layer, "+1" is the output projection, "+2" and "+3" the
+    MLP's, "+4" the next layer's q/k/v projection; a memcpy (the step's inputs) restarts the count.
+    """
+    shares: dict[str, list[float]] = {}
+    idle, previous_end, since_anchor = 0.0, None, None
+    for name, start, end in sorted(events, key=lambda event: event[1]):
+        if "Memcpy" in name or "memcpy" in name:
+            since_anchor = None
+        if previous_end is not None:
+            idle += max(0.0, start - previous_end)
+        share = end - (start if previous_end is None else max(start, previous_end))
+        if name == anchor:
+            since_anchor = 0
+        elif since_anchor is not None:
+            since_anchor += 1
+        key = f"{name[:48]} {'' if since_anchor is None else f'+{since_anchor}'}"
+        shares.setdefault(key, []).append(max(0.0, share))
+        previous_end = end if previous_end is None else max(previous_end, end)
+    lines = [f"chain shares over {steps} steps (µs; nothing running: {idle / steps:.1f} µs a step)",
+             f"{'kernel':<56}{'a step':>9}{'count':>7}{'each':>7}"]
+    for key, values in sorted(shares.items(), key=lambda item: -sum(item[1])):
+        lines.append(f"{key:<56}{sum(values) / steps:>9.1f}{len(values) / steps:>7.1f}{statistics.mean(values):>7.2f}")
+    return "\n".join(lines)
 
 
 def python_profile(engine: EngineCore, steps: int) -> str:
