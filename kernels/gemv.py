@@ -81,12 +81,21 @@ def _weight_tile(w_rows, k, n_ok, K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K:
 
 
 @triton.jit
-def _input_tile(x_rows, nw_ptr, k, m_ok, rstd, K: tl.constexpr, PROLOGUE: tl.constexpr):
-    """x[:, k] in fp32 after the prologue (rounded to x's type where the unfused op's output would be)."""
+def _norm_weights(nw_ptr, k, K: tl.constexpr, PROLOGUE: tl.constexpr):
+    """The norm's weights at `k` in fp32 where the prologue is the norm (else 0): constants, so a program may
+    load them before it waits for the kernel before."""
+    if PROLOGUE == -1:
+        return tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return tl.zeros(k.shape, tl.float32)
+
+
+@triton.jit
+def _input_tile(x_rows, nw, k, m_ok, rstd, K: tl.constexpr, PROLOGUE: tl.constexpr):
+    """x[:, k] in fp32 after the prologue (rounded to x's type where the unfused op's output would be); `nw`:
+    `_norm_weights` at `k`."""
     x_ok = m_ok & (k < K)
     x = tl.load(x_rows + k, mask=x_ok, other=0.0)
     if PROLOGUE == -1:
-        nw = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * rstd * nw).to(x_rows.dtype.element_ty)
     elif PROLOGUE >= 0:  # x is the gate half of a [M, 2K] row; its up half follows at +K
         gate = x.to(tl.float32)
@@ -115,9 +124,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, M, N, stride_xm,
     w_rows = w_ptr + ns * stride_wn
     if PDL:  # let the next kernel's programs start and fetch their weights
         tl.extra.cuda.gdc_launch_dependents()
-    w = _weight_tile(w_rows, ks, n_ok, K, EVEN_N, EVEN_K)  # the weights never depend on the kernel before
+    # The weights never depend on the kernel before: the first tile, the norm's and the bias load while it runs.
+    w = _weight_tile(w_rows, ks, n_ok, K, EVEN_N, EVEN_K)
+    nw = _norm_weights(nw_ptr, ks, K, PROLOGUE)
+    ms2 = tl.arange(0, BLOCK_M)[:, None]
+    ns2 = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+    ok = (ms2 < M) & (ns2 < N)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ns2, mask=ns2 < N, other=0.0).to(tl.float32)
     if PDL:  # everything below reads or writes what earlier kernels produce or still read
         tl.extra.cuda.gdc_wait()
+    if HAS_RESIDUAL:  # asked for before the sum (ptxas issues it ahead of the reduction, not after it)
+        residual = tl.load(res_ptr + ms2 * stride_rm + ns2, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.zeros([BLOCK_M, 1, 1], tl.float32)
     if PROLOGUE == -1:  # RMS statistics of each input row (from L2: every program reads the same rows)
         squares = tl.zeros([BLOCK_M, 1, 1], tl.float32)
@@ -125,19 +143,16 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, M, N, stride_xm,
             xf = tl.load(x_rows + k0 + ks, mask=m_ok & (k0 + ks < K), other=0.0).to(tl.float32)
             squares += tl.sum(xf * xf, 2, keep_dims=True)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
-    acc = _input_tile(x_rows, nw_ptr, ks, m_ok, rstd, K, PROLOGUE) * w
+    acc = _input_tile(x_rows, nw, ks, m_ok, rstd, K, PROLOGUE) * w
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + ks
-        acc += _input_tile(x_rows, nw_ptr, k, m_ok, rstd, K, PROLOGUE) * _weight_tile(w_rows, k, n_ok, K, EVEN_N,
-                                                                                      EVEN_K)
+        acc += _input_tile(x_rows, _norm_weights(nw_ptr, k, K, PROLOGUE), k, m_ok, rstd, K, PROLOGUE) * _weight_tile(
+            w_rows, k, n_ok, K, EVEN_N, EVEN_K)
     out = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
-    ms2 = tl.arange(0, BLOCK_M)[:, None]
-    ns2 = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
-    ok = (ms2 < M) & (ns2 < N)
     if HAS_BIAS:
-        out += tl.load(b_ptr + ns2, mask=ns2 < N, other=0.0).to(tl.float32)
+        out += bias
     if HAS_RESIDUAL:
-        out += tl.load(res_ptr + ms2 * stride_rm + ns2, mask=ok, other=0.0).to(tl.float32)
+        out += residual
     tl.store(out_ptr + ms2 * stride_om + ns2, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
