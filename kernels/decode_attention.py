@@ -34,7 +34,7 @@ import triton.language as tl
 from .arrival import counters, last_arrival
 from .paged_tile import fold_tile, paged_kv_tile, paged_softmax_tile
 from .pdl import enabled as pdl_enabled
-from .rotary import norm_rope, rotation
+from .rotary import norm_halves, norm_rope, rotation
 
 __all__ = ["DecodeRope", "decode_attention", "default_num_splits"]
 
@@ -75,27 +75,9 @@ def default_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 @triton.jit
-def _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
-    """The query group's heads, RMS-normalised and rotated exactly as `rotary_qk` does, as `[BLOCK_H, D]`."""
-    src = q_ptr + b * stride_qb + heads[:, None] * stride_qh + halves[None, :]
-    x1 = tl.load(src, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(src + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    y1, y2 = norm_rope(x1, x2, c, s, qw_ptr, halves, eps, D // 2, NORM, q_ptr.dtype.element_ty)
-    return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (BLOCK_H, BLOCK_D))
-
-
-@triton.jit
-def _new_kv(k_ptr, v_ptr, halves, c, s, kw_ptr, b, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, eps,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
-    """The step's key for this KV head (normalised and rotated as `rotary_qk` does) and its value, as `[1, D]`
-    rows in the pools' type `DTYPE`: what the pools hold once they are stored."""
-    src = k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
-    y1, y2 = norm_rope(tl.load(src).to(tl.float32), tl.load(src + D // 2).to(tl.float32), c, s, kw_ptr, halves, eps,
-                       D // 2, NORM, k_ptr.dtype.element_ty)
-    key = tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (1, BLOCK_D)).to(DTYPE)
-    value = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + tl.arange(0, BLOCK_D))[None, :].to(DTYPE)
-    return key, value
+def _joined(y1, y2, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotated halves `[ROWS, D / 2]` each as whole rows `[ROWS, D]`."""
+    return tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (ROWS, BLOCK_D))
 
 
 @triton.jit
@@ -133,6 +115,9 @@ def _split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     if ROPE:  # q is this step's projection: normalise and rotate it here, and store the new key and value
         halves, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, b, stride_c, D // 2, D // 2)
+        qw1, qw2 = norm_halves(qw_ptr, halves, D // 2, NORM)
+        kw1, kw2 = norm_halves(kw_ptr, halves, D // 2, NORM)
+        slot = tl.load(slots_ptr + b).to(tl.int64)  # -1: a padding row, nothing to store
         new = ctx - 1
         # The first tile now, all but the new key (its row comes from registers below): the gather overlaps the
         # kernel before instead of following it.
@@ -140,13 +125,20 @@ def _split_kernel(
                                   BLOCK_N, BLOCK_SIZE)
         if PDL:
             tl.extra.cuda.gdc_wait()  # q and this step's keys come from the kernel before
-        q = _rotated_query(q_ptr, b, heads, row_ok, halves, c, s, qw_ptr, stride_qb, stride_qh, eps, D, BLOCK_H,
-                           BLOCK_D, NORM)
+        # This step's q, k and v, all asked for at once before any arithmetic on them.
+        q_src = q_ptr + b * stride_qb + heads[:, None] * stride_qh + halves[None, :]
+        q1 = tl.load(q_src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_src + D // 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k_src = new_k_ptr + b * stride_kb + kv_head * stride_kh + halves[None, :]
+        k1 = tl.load(k_src).to(tl.float32)
+        k2 = tl.load(k_src + D // 2).to(tl.float32)
+        value = tl.load(new_v_ptr + b * stride_vb + kv_head * stride_vh + dims)[None, :].to(v_ptr.dtype.element_ty)
+        y1, y2 = norm_rope(q1, q2, c, s, qw1, qw2, eps, D // 2, NORM, q_ptr.dtype.element_ty)
+        q = _joined(y1, y2, BLOCK_H, BLOCK_D)
         if split == (new - first) // per_split:  # the split that reads the new key stores it first
-            key, value = _new_kv(new_k_ptr, new_v_ptr, halves, c, s, kw_ptr, b, kv_head, stride_kb, stride_kh,
-                                 stride_vb, stride_vh, eps, D, BLOCK_D, NORM, k_ptr.dtype.element_ty)
-            slot = tl.load(slots_ptr + b).to(tl.int64)
-            if slot >= 0:  # -1: a padding row, nothing
+            r1, r2 = norm_rope(k1, k2, c, s, kw1, kw2, eps, D // 2, NORM, new_k_ptr.dtype.element_ty)
+            key = _joined(r1, r2, 1, BLOCK_D).to(k_ptr.dtype.element_ty)
+            if slot >= 0:
                 row = (slot * HKV + kv_head) * D + dims[None, :]
                 tl.store(k_ptr + row, key)
                 tl.store(v_ptr + row, value)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .pdl import enabled as pdl_enabled
 
-__all__ = ["norm_rope", "rotary_embedding", "rotary_qk", "rotary_reference", "rotation"]
+__all__ = ["norm_halves", "norm_rope", "rotary_embedding", "rotary_qk", "rotary_reference", "rotation"]
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,14 +75,24 @@ def rotation(pos_ptr, cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def norm_rope(x1, x2, c, s, w_ptr, dims, eps, HALF: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
-    """Heads given as fp32 halves `x1, x2: [heads, BLOCK_D]` -> their rotated halves in `DTYPE`, each head
-    RMS-normalised with the weight at `w_ptr` first when `NORM` (rounded to `DTYPE` as the separate norm would).
-    One definition for every kernel that rotates, so they all give the same bits."""
+def norm_halves(w_ptr, dims, HALF: tl.constexpr, NORM: tl.constexpr):
+    """A head norm's weight as fp32 halves `(w1, w2)` over `dims` for `norm_rope` (zeros without `NORM`): constants,
+    which a kernel loads before it waits for the one before."""
+    w1 = tl.zeros(dims.shape, tl.float32)
+    w2 = tl.zeros(dims.shape, tl.float32)
     if NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         w1 = tl.load(w_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    return w1, w2
+
+
+@triton.jit
+def norm_rope(x1, x2, c, s, w1, w2, eps, HALF: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
+    """Heads given as fp32 halves `x1, x2: [heads, BLOCK_D]` -> their rotated halves in `DTYPE`, each head
+    RMS-normalised with the weight halves `w1, w2` (`norm_halves`) first when `NORM` (rounded to `DTYPE` as the
+    separate norm would). One definition for every kernel that rotates, so they all give the same bits."""
+    if NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         x1 = (x1 * rstd[:, None] * w1[None, :]).to(DTYPE).to(tl.float32)
         x2 = (x2 * rstd[:, None] * w2[None, :]).to(DTYPE).to(tl.float32)
     return (x1 * c - x2 * s).to(DTYPE), (x2 * c + x1 * s).to(DTYPE)
@@ -95,10 +105,11 @@ def _norm_rope_heads(x_ptr, out_ptr, w_ptr, cache_ptr, slot, t, c, s, stride_xt,
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     ok = (heads < HEADS)[:, None] & (dims < HALF)[None, :]
+    w1, w2 = norm_halves(w_ptr, dims, HALF, NORM)
     src = x_ptr + t * stride_xt + heads[:, None] * stride_xh + dims[None, :]
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    y1, y2 = norm_rope(x1, x2, c, s, w_ptr, dims, eps, HALF, NORM, out_ptr.dtype.element_ty)
+    y1, y2 = norm_rope(x1, x2, c, s, w1, w2, eps, HALF, NORM, out_ptr.dtype.element_ty)
     dst = out_ptr + t * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(dst, y1, mask=ok)
     tl.store(dst + HALF, y2, mask=ok)
@@ -116,11 +127,12 @@ def _qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, pos_ptr, cos_
                stride_vt, stride_vh, stride_c, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
                STORE: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    _, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_D)  # host inputs and constants
+    if PDL:
         tl.extra.cuda.gdc_wait()  # q, k and v come from the projection before
-    t = tl.program_id(0)
-    _, c, s = rotation(pos_ptr, cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_D)
     if tl.program_id(1) == 0:
         _norm_rope_heads(q_ptr, q_out_ptr, qw_ptr, q_out_ptr, -1, t, c, s, stride_qt, stride_qh, stride_qot,
                          stride_qoh, eps, HQ, HALF, BLOCK_Q, BLOCK_D, NORM, False)
