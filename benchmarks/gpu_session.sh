@@ -12,11 +12,11 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } \
   | tee "$OUT/env.log"
 if [[ $stages == *kernels* ]]; then
-  timeout ${KERNEL_TIMEOUT:-150} python3 -m pytest -q -x -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_kernels_gpu.py >"$OUT/kernels.log" 2>&1
+  timeout ${KERNEL_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_kernels_gpu.py tests/test_decode_fusion_gpu.py tests/test_quant_matmul_gpu.py >"$OUT/kernels.log" 2>&1
   echo "kernels rc=$?"; tail -4 "$OUT/kernels.log"
 fi
 if [[ $stages == *engine* ]]; then
-  timeout ${ENGINE_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu_engine.py >"$OUT/engine.log" 2>&1
+  timeout ${ENGINE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu_engine.py tests/test_overlap.py tests/test_kv_offload.py >"$OUT/engine.log" 2>&1
   echo "engine rc=$?"; tail -6 "$OUT/engine.log"
 fi
 if [[ $stages == *bench* ]]; then
