@@ -4,8 +4,7 @@
 with the residual folded into its output), then the model blocks' `project`, whose decode-sized CUDA calls take
 the fused kernel and larger ones cuBLAS (`addmm`), both against the unfused composition of the same modules;
 and the q/k norm + rotary kernel that also stores K/V into the paged pools, against rotary then `store_kv`.
-They run on CUDA; without it they skip, unless `TRITON_INTERPRET=1` (set before Python starts) runs the kernel
-on the CPU through Triton's interpreter, with smaller shapes.
+They run on CUDA; without it, on the CPU through Triton's interpreter (tests/conftest.py), with smaller shapes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The Triton kernels against their torch references, on fresh random inputs with NaN-poisoned pools.
 
-They run on CUDA; without it they skip, unless `TRITON_INTERPRET=1` is set (before Python starts), which runs
-the same kernels on the CPU through Triton's interpreter: slow, so the shapes shrink there (Triton 3.6's
-interpreter with numpy 2.4 fails on loops over loaded bounds, `int()` of a 1-element array; it ran with that
-one line of the interpreter patched, so CI, which has no Triton, does not run it).
+They run on CUDA; without it, on the CPU through Triton's interpreter (tests/conftest.py sets `TRITON_INTERPRET=1`
+where there is no GPU and mends the one line of Triton 3.6's interpreter that fails with NumPy 2): slow, so the
+shapes shrink there.
 Batches come from `test_paged_attention.make_batch`: shuffled non-contiguous blocks, a shared prefix, garbage
 in unused block-table entries and NaN in every never-written slot.
 """

@@ -9,8 +9,8 @@ Tolerances are bounds, computed per output from the inputs, not fudge factors:
 * GEMM multiplies W rounded to x's dtype: bf16 is off by at most 2^-9 relative per weight (`2^-9 |x| @ |W|^T`),
   fp32 multiplies exactly (slack as above); a bf16 output adds its own rounding (2^-8 |ref|).
 
-Runs on CUDA; without it the module skips, unless `TRITON_INTERPRET=1` is set before Python starts: then the same
-kernels run through Triton's CPU interpreter (the dp4a instruction emulated) on tiny shapes.
+Runs on CUDA; without it the same kernels run through Triton's CPU interpreter (tests/conftest.py; the dp4a
+instruction emulated) on tiny shapes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""Compiles every variant of the decode path's Triton kernels that the engine launches for Hopper (sm_90), without
+a GPU (Triton and its bundled `ptxas` build the cubins), and prints the ones that fail. Run by
+tests/test_kernels_compile.py in a process of its own: the test session runs Triton's interpreter, which the
+compiler cannot use."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import traceback
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nbllm.kernels import argmax_logsumexp, decode_attention, gemv, rmsnorm, rotary
+
+HOPPER = GPUTarget("cuda", 90, 32)
+INT32_POINTERS = {"tables_ptr", "ctx_ptr", "slots_ptr", "counter_ptr", "ids_ptr", "part_arg_ptr"}
+FP32_POINTERS = {"cos_ptr", "sin_ptr", "mid_o_ptr", "mid_lse_ptr", "part_max_ptr", "part_sum_ptr", "lse_ptr",
+                 "lp_ptr"}
+FLOATS = {"eps", "scale"}
+
+
+def compile_for_hopper(fn, constants: dict, dtype: str = "bf16") -> None:
+    """Compile `fn` with `constants` for its constexpr arguments; pointers to activations and weights are `dtype`,
+    the rest as the launchers pass them; every pointer 16-byte aligned, as torch allocates."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "pos_ptr":
+            signature[name] = "*i64"
+        elif name in INT32_POINTERS:
+            signature[name] = "*i32"
+        elif name in FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
+                              target=HOPPER, options={"num_warps": 4})
+    assert compiled.asm["cubin"]
+
+
+def variants():
+    """(label, kernel, constants, pointer dtype) for each variant."""
+    for dtype, prologue, (k, rows), bias, residual in itertools.product(
+            ["bf16", "fp32"], [-2, -1, 0, 1], [(1024, 1), (3072, 1), (1000, 3)], [False, True], [False, True]):
+        block_k = gemv._block_k(rows, k, gemv._BLOCK_N)
+        yield (f"gemv {dtype} prologue={prologue} K={k} rows={rows} bias={bias} residual={residual}",
+               gemv._gemv_kernel, dict(K=k, BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=gemv._BLOCK_N,
+                                       BLOCK_K=block_k, PROLOGUE=prologue, HAS_BIAS=bias, HAS_RESIDUAL=residual,
+                                       EVEN_N=False, EVEN_K=k % block_k == 0, PDL=True), dtype)
+    for (dtype, precision, group), (rope, norm), splits in itertools.product(
+            [("bf16", "tf32", 2), ("fp32", "ieee", 4)], [(False, False), (True, False), (True, True)], [1, 16]):
+        yield (f"decode attention {dtype} group={group} rope={rope} norm={norm} splits={splits}",
+               decode_attention._split_kernel,
+               dict(HQ=8 * group, HKV=8, GROUP=group, D=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_SIZE=16,
+                    SPLITS=splits, PRECISION=precision, PDL=True, ROPE=rope, NORM=norm), dtype)
+    for norm, store in [(False, False), (True, False), (True, True)]:
+        yield (f"rotary q/k norm={norm} store={store}", rotary._qk_kernel,
+               dict(HQ=16, HKV=8, HALF=64, BLOCK_Q=16, BLOCK_K=8, BLOCK_D=64, NORM=norm, STORE=store, PDL=True),
+               "bf16")
+    for add in (False, True):
+        yield f"rms norm add={add}", rmsnorm._norm_kernel, dict(N=1024, BLOCK=1024, ADD=add, PDL=True), "bf16"
+    yield ("argmax/logsumexp", argmax_logsumexp._kernel, dict(CHUNK=4096, CHUNKS=38, BLOCK_C=64, PDL=True),
+           "fp32")
+
+
+def main() -> int:
+    failed, count = [], 0
+    for label, fn, constants, dtype in variants():
+        count += 1
+        try:
+            compile_for_hopper(fn, constants, dtype)
+        except Exception:  # report every variant that fails, not only the first
+            failed.append(label)
+            print(f"FAILED {label}\n{traceback.format_exc(limit=1)}")
+    print(f"{count - len(failed)} of {count} variants compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
