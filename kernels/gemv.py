@@ -158,10 +158,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, M, N, stride_xm,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, activation: str | None = None,
-         residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
-         num_warps: int = 4) -> torch.Tensor:
+         residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
+         block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """`gemv_reference` for `x: [M, K]` (`[M, 2K]` with `activation`, gate then up), `weight: [N, K]`,
-    `M <= MAX_ROWS` (`supports`) -> `[M, N]` in x's type. `norm_weight` and `activation` exclude each other.
+    `M <= MAX_ROWS` (`supports`) -> `[M, N]` in `out_dtype` (default x's type: fp32 keeps the fp32 sums unrounded,
+    the logits without a cast kernel). `norm_weight` and `activation` exclude each other.
     `block_n`, `block_k`, `num_warps`: launch settings (the benchmark sweeps them; None: `_BLOCK_N`, `_block_k`)."""
     rows = x.shape[0]
     n, k = weight.shape
@@ -177,7 +178,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = block_k or _block_k(rows, k, block_n)
     pdl = pdl_enabled(x.device)
     prologue = _NORM if norm_weight is not None else ACTIVATIONS[activation] if activation else _NONE
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out, out, rows, n, x.stride(0), weight.stride(0),

@@ -22,13 +22,16 @@ FP32_POINTERS = {"cos_ptr", "sin_ptr", "mid_o_ptr", "mid_lse_ptr", "part_max_ptr
 FLOATS = {"eps", "scale"}
 
 
-def compile_for_hopper(fn, constants: dict, dtype: str = "bf16") -> None:
-    """Compile `fn` with `constants` for its constexpr arguments; pointers to activations and weights are `dtype`,
-    the rest as the launchers pass them; every pointer 16-byte aligned, as torch allocates."""
+def compile_for_hopper(fn, constants: dict, dtype: str = "bf16", pointers: dict | None = None) -> None:
+    """Compile `fn` with `constants` for its constexpr arguments; pointers to activations and weights are `dtype`
+    unless `pointers` names their type, the rest as the launchers pass them; every pointer 16-byte aligned, as
+    torch allocates."""
     signature = {}
     for name in fn.arg_names:
         if name in constants:
             signature[name] = "constexpr"
+        elif pointers and name in pointers:
+            signature[name] = pointers[name]
         elif name == "pos_ptr":
             signature[name] = "*i64"
         elif name in INT32_POINTERS:
@@ -46,7 +49,7 @@ def compile_for_hopper(fn, constants: dict, dtype: str = "bf16") -> None:
 
 
 def variants():
-    """(label, kernel, constants, pointer dtype) for each variant."""
+    """(label, kernel, constants, pointer dtype[, pointer types that differ]) for each variant."""
     for dtype, prologue, (k, rows), bias, residual in itertools.product(
             ["bf16", "fp32"], [-2, -1, 0, 1], [(1024, 1), (3072, 1), (1000, 3)], [False, True], [False, True]):
         block_k = gemv._block_k(rows, k, gemv._BLOCK_N)
@@ -54,6 +57,9 @@ def variants():
                gemv._gemv_kernel, dict(K=k, BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=gemv._BLOCK_N,
                                        BLOCK_K=block_k, PROLOGUE=prologue, HAS_BIAS=bias, HAS_RESIDUAL=residual,
                                        EVEN_N=False, EVEN_K=k % block_k == 0, PDL=True), dtype)
+    yield ("gemv bf16 -> fp32 (the logits)", gemv._gemv_kernel,
+           dict(K=1024, BLOCK_M=1, BLOCK_N=gemv._BLOCK_N, BLOCK_K=1024, PROLOGUE=-2, HAS_BIAS=False,
+                HAS_RESIDUAL=False, EVEN_N=True, EVEN_K=True, PDL=True), "bf16", {"out_ptr": "*fp32"})
     for (dtype, precision, group), (rope, norm), splits in itertools.product(
             [("bf16", "tf32", 2), ("fp32", "ieee", 4)], [(False, False), (True, False), (True, True)], [1, 16]):
         yield (f"decode attention {dtype} group={group} rope={rope} norm={norm} splits={splits}",
@@ -72,10 +78,10 @@ def variants():
 
 def main() -> int:
     failed, count = [], 0
-    for label, fn, constants, dtype in variants():
+    for label, fn, constants, dtype, *pointers in variants():
         count += 1
         try:
-            compile_for_hopper(fn, constants, dtype)
+            compile_for_hopper(fn, constants, dtype, *pointers)
         except Exception:  # report every variant that fails, not only the first
             failed.append(label)
             print(f"FAILED {label}\n{traceback.format_exc(limit=1)}")

@@ -52,6 +52,19 @@ def test_gemv_matches_linear(dtype, rows, shape) -> None:
     torch.testing.assert_close(gemv(x, w, b), gemv_reference(x, w, b), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_writes_fp32_sums_unrounded_where_asked(rows) -> None:
+    """The logits' path: bf16 in, fp32 out, the sums as the fp32 reference has them (not rounded to bf16 first)."""
+    torch.manual_seed(6)
+    n, k = SHAPES[-1]
+    x, w = randn(rows, k, dtype=torch.bfloat16), randn(n, k, dtype=torch.bfloat16, scale=k ** -0.5)
+    got = gemv(x, w, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    want = gemv_reference(x.float(), w.float())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, got.bfloat16().float())  # not a bf16 result widened
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("shape", SHAPES[1:3])

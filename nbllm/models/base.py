@@ -15,7 +15,7 @@ from torch import nn
 
 from nbllm.models.attention import AttentionBackend
 from nbllm.models.config import ModelConfig
-from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_inv_freq
+from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, linear_fp32, rope_inv_freq
 from nbllm.models.quantized_linear import Int8Linear
 from nbllm.models.weights import WeightSource
 
@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits `[N, vocab]` for the rows of `hidden` the caller wants (usually each sequence's last)."""
-        logits = self.lm_head(hidden).float()
+        logits = linear_fp32(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

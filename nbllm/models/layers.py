@@ -67,6 +67,16 @@ def _gemv_serves(linear: nn.Module, x: torch.Tensor) -> bool:
     return gemv.supports(x, linear.weight)
 
 
+def linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` in fp32, for the logits: at decode sizes on CUDA the GEMV writes its fp32 sums as they are,
+    one launch instead of a bf16 output and a cast kernel at the end of every decode step."""
+    if _gemv_serves(linear, x):
+        from nbllm.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias, out_dtype=torch.float32)
+    return linear(x).float()
+
+
 def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """`act(gate) * up` of a fused `[T, 2I]` gate/up output: one Triton pass on CUDA, one C++ pass on the CPU."""
     if gate_up.is_cuda:
