@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nbllm.kernels import argmax_logsumexp, decode_attention, gemv, rmsnorm, rotary
+from nbllm.kernels import argmax_logsumexp, decode_attention, embedding, gemv, rmsnorm, rotary
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT32_POINTERS = {"tables_ptr", "ctx_ptr", "slots_ptr", "counter_ptr", "ids_ptr", "part_arg_ptr"}
@@ -72,6 +72,10 @@ def variants():
                "bf16")
     for add in (False, True):
         yield f"rms norm add={add}", rmsnorm._norm_kernel, dict(N=1024, BLOCK=1024, ADD=add, PDL=True), "bf16"
+    for dtype, placeholders, scale in itertools.product(["bf16", "fp32"], [False, True], [False, True]):
+        yield (f"embedding {dtype} placeholders={placeholders} scale={scale}", embedding._embedding_kernel,
+               dict(H=640, BLOCK=1024, PLACEHOLDERS=placeholders, SCALE=scale, PDL=True), dtype,
+               {"ids_ptr": "*i64", "placeholders_ptr": "*i64"})
     yield ("argmax/logsumexp", argmax_logsumexp._kernel, dict(CHUNK=4096, CHUNKS=38, BLOCK_C=64, PDL=True),
            "fp32")
 

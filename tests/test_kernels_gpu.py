@@ -24,6 +24,7 @@ if not torch.cuda.is_available() and not INTERPRET:
 from nbllm.kernels.activation import gated_activation, gated_activation_reference
 from nbllm.kernels.argmax_logsumexp import argmax_logsumexp, argmax_logsumexp_reference
 from nbllm.kernels.arrival import counters
+from nbllm.kernels.embedding import embedding, embedding_reference
 from nbllm.kernels.decode_attention import DecodeRope, decode_attention
 from nbllm.kernels.extend_attention import extend_attention
 from nbllm.kernels.paged_attention import paged_attention
@@ -197,6 +198,27 @@ def test_argmax_logsumexp_matches_torch_and_keeps_the_first_maximum(dtype, shape
     assert torch.equal(ids.cpu(), ref_ids) and ids[0].item() == 7
     torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logprob.cpu(), ref_logprob, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, float(torch.tensor(640**0.5).to(torch.bfloat16))])
+@pytest.mark.parametrize("hidden", [640, 1024])
+def test_embedding_gives_the_bits_of_lookup_then_scale_and_resolves_placeholders(dtype, scale, hidden) -> None:
+    """Gemma's scale (sqrt(640), as the model rounds it) and a width that is no power of two; placeholders of the
+    previous step's rows (one clamped past the end, as the torch resolution does), `ids` left as they were."""
+    torch.manual_seed(hidden)
+    table = torch.randn(300, hidden).to(dtype)
+    ids = torch.tensor([5, -1, 299, -3, 0, -2, -9])
+    sampled = torch.tensor([17, 250, 3])
+    for placeholders in (sampled, None):
+        given = ids.clamp(min=0) if placeholders is None else ids
+        rows = embedding(given.to(DEVICE), table.to(DEVICE), scale,
+                         None if placeholders is None else placeholders.to(DEVICE))
+        assert torch.equal(rows.cpu(), embedding_reference(given, table, scale, placeholders))
+    assert torch.equal(rows.cpu()[1], table[0] * scale if scale != 1.0 else table[0])
+    assert torch.equal(embedding(ids.to(DEVICE), table.to(DEVICE), scale, sampled.to(DEVICE)).cpu()[6],
+                       embedding_reference(torch.tensor([3]), table, scale)[0])  # -9: past the end, clamped
+    assert embedding(ids[:0].to(DEVICE), table.to(DEVICE)).shape == (0, hidden)
 
 
 def test_merging_kernels_leave_their_arrival_counters_at_zero() -> None:

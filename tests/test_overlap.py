@@ -15,7 +15,8 @@ import torch
 from engine_helpers import assert_no_leak, make_llm
 
 from nbllm import SamplingParams
-from nbllm.engine.overlap import placeholder, resolve_placeholders
+from nbllm.engine.overlap import placeholder
+from nbllm.kernels.placeholders import resolve_placeholders
 
 
 @pytest.fixture(scope="module")

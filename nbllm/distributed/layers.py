@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nbllm.distributed.group import TensorParallelGroup
+from nbllm.kernels.placeholders import resolve_placeholders
 from nbllm.models.base import CausalLM
 from nbllm.models.layers import Attention, GatedMLP
 
@@ -50,7 +51,9 @@ class _VocabParallelLookup:
     tp_group: TensorParallelGroup
     vocab_start: int
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        if placeholders is not None:
+            input_ids = resolve_placeholders(input_ids.clone(), placeholders)
         local = input_ids - self.vocab_start
         inside = (local >= 0) & (local < self.config.vocab_size)  # type: ignore[attr-defined]
         rows = super().embed(torch.where(inside, local, 0))  # type: ignore[misc]

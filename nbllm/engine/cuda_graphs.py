@@ -7,8 +7,8 @@ the logits of a decode batch is captured once per batch size bucket (1, 2, 4, 8,
 holds it and replays. Padding rows get context length 0 and slot -1: the KV store skips them and the decode
 kernel writes zeros for them, so they cost a little compute and touch no real sequence.
 
-The graph also begins and ends the host's per-token work on the device: it first replaces the input ids that
-are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and ends with each row's
+The graph also begins and ends the host's per-token work on the device: its token lookup resolves the input ids
+that are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and it ends with each row's
 argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
 (`SamplingBatch.plain_greedy`) is one replay and the copy of its tokens to the host, with no sampling launch.
 
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nbllm.engine.overlap import resolve_placeholders
 from nbllm.engine.sampler import SampleResult, greedy_sample
 from nbllm.kernels.decode_attention import default_num_splits
+from nbllm.kernels.placeholders import resolve_placeholders
 
 if TYPE_CHECKING:
     from nbllm.engine.model_runner import KVPool, StepInputs
@@ -112,8 +112,7 @@ class DecodeGraphs:
                 num_splits=default_num_splits(size, self.pool.k[0].shape[2], sms))
 
             def forward(size: int = size, attn: TritonPagedAttention = attn) -> torch.Tensor:
-                resolve_placeholders(self.ids[:size], self.sampled)
-                hidden = self.model(self.ids[:size], self.positions[:size], attn)
+                hidden = self.model(self.ids[:size], self.positions[:size], attn, self.sampled)
                 logits = self.model.compute_logits(hidden)
                 greedy_sample(logits, out=(self.sampled[:size], self._lse[:size], self._logprobs[:size]))
                 return logits

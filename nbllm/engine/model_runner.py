@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from nbllm.engine.block_manager import BlockTable
-from nbllm.engine.overlap import resolve_placeholders
 from nbllm.engine.sampler import SampleResult
 from nbllm.engine.scheduler import ScheduledBatch
 from nbllm.engine.sequence import Sequence
@@ -335,12 +334,9 @@ class ModelRunner:
         backends = {p: self._attention(inputs, p.device) for p in dict.fromkeys(self.places)}
         attn = next(iter(backends.values())) if len(backends) == 1 else PerLayerAttention(
             [backends[p] for p in self.places])
-        ids = put(inputs.ids)
-        if placeholders is not None:
-            resolve_placeholders(ids, placeholders)
         # On a CPU the forward's heavy work is the C++ kernels': torch stays on one thread meanwhile.
         with kernels_own_the_threads() if dev.type == "cpu" else nullcontext():
-            hidden = self.model(ids, put(inputs.positions), attn)
+            hidden = self.model(put(inputs.ids), put(inputs.positions), attn, placeholders)
             rows = inputs.logit_rows
             if not rows:
                 return hidden.new_empty((0, self.config.vocab_size))

@@ -7,7 +7,8 @@ scheduling, `OverlapLoop.step` instead
 
 1. schedules and launches step N+1 (forward and sampling, nothing read back), its inputs naming each token
    sampled by step N by a *placeholder*: `-1 - row`, the row of step N's sampled-ids tensor, which stays on
-   the device and is gathered into the input ids there (`resolve_placeholders`);
+   the device and is looked up there by the model's token lookup (`CausalLM.forward`'s `placeholders`, one
+   kernel with the embedding on CUDA: `nbllm.kernels.embedding`);
 2. then waits for step N's sampled ids only (copied into pinned host memory behind an event when step N was
    launched, so by now they are usually there), replaces each sequence's placeholder with its token and runs
    the engine's usual per-token work (`EngineCore._append`: detokenize, stop checks, finish);
@@ -44,13 +45,6 @@ if TYPE_CHECKING:
 def placeholder(row: int) -> int:
     """The input id standing for row `row` of the previous step's sampled ids (token ids are >= 0)."""
     return -1 - row
-
-
-def resolve_placeholders(ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    """In place on the device: each placeholder id `-1 - r` in `ids` becomes `sampled[r]` (kernels only, no copy: a
-    CUDA graph of kernel nodes alone launches fastest)."""
-    rows = (-1 - ids).clamp_(0, sampled.numel() - 1)
-    return torch.where(ids < 0, sampled[rows], ids, out=ids)
 
 
 @dataclass

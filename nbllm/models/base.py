@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbllm.kernels.placeholders import resolve_placeholders
 from nbllm.models.attention import AttentionBackend
 from nbllm.models.config import ModelConfig
 from nbllm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, linear_fp32, rope_inv_freq
@@ -108,11 +109,11 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`."""
-        h = self.embed(input_ids)
-        if self.embed_scale != 1.0:
-            h = h * self.embed_scale
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`; an id
+        `-1 - r` stands for `placeholders[r]` (`embed`)."""
+        h = self.embed(input_ids, placeholders)
         native_step = getattr(attn, "native_step", None)  # a paged CPU backend's: all layers in one C++ call
         if native_step is not None and self.use_native_cpu and (decoder := self._native()) is not None and (
                 step := native_step()) is not None:
@@ -135,11 +136,21 @@ class CausalLM(nn.Module):
             self._native_decoder = native_decoder(self)
         return self._native_decoder
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token table rows `[T, H]`, unscaled (tensor parallelism overrides this with a vocab-parallel lookup)."""
-        if isinstance(self.embed_tokens, Int8Linear):
-            return self.embed_tokens.rows(input_ids)
-        return F.embedding(input_ids, self.embed_tokens)
+    def embed(self, input_ids: torch.Tensor, placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        """Token table rows `[T, H]` times `embed_scale`; an id `-1 - r` stands for `placeholders[r]`, a token
+        the previous step sampled and the host has not seen yet (overlap scheduling; `input_ids` is left as it
+        is). On CUDA one Triton launch (`nbllm.kernels.embedding`). Tensor parallelism overrides this with a
+        vocab-parallel lookup."""
+        table = self.embed_tokens
+        if isinstance(table, torch.Tensor) and table.is_cuda:
+            from nbllm.kernels.embedding import embedding, supports
+
+            if supports(input_ids, table):
+                return embedding(input_ids, table, self.embed_scale, placeholders)
+        if placeholders is not None:
+            input_ids = resolve_placeholders(input_ids.clone(), placeholders)
+        rows = table.rows(input_ids) if isinstance(table, Int8Linear) else F.embedding(input_ids, table)
+        return rows * self.embed_scale if self.embed_scale != 1.0 else rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits `[N, vocab]` for the rows of `hidden` the caller wants (usually each sequence's last)."""

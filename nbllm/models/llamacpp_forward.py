@@ -79,7 +79,7 @@ def llamacpp_logits(model: CausalLM, ids: list[int], start: int, cache: LlamaCpp
     positions = torch.arange(start, start + len(ids))
     rows = slice(None) if all_logits else slice(len(ids) - 1, None)
     with torch.inference_mode():
-        h = model.embed(torch.tensor(ids)) * model.embed_scale
+        h = model.embed(torch.tensor(ids))
         for i, layer in enumerate(model.layers):
             h = _layer(layer, h, positions, cache, rows if i == len(model.layers) - 1 else slice(None))
         return _head(model, model.norm(h), margin)
