@@ -4,8 +4,10 @@ A decode step begins with its tokens. With overlap scheduling some of them are n
 `-1 - r` stands for row `r` of the previous step's sampled ids, still on the device (`.placeholders`). In
 torch, resolving those, looking the rows up and scaling them (Gemma's sqrt(hidden)) take six or seven small
 kernels, and at batch 1 each costs more to launch than to run: a few microseconds of a step that takes a few
-hundred, each an ordinary launch that lets nothing after it start early. Here it is one programmatic-dependent
-launch (`pdl`): one program a token, which lets the first layer's projection start fetching its weights at once.
+hundred, each an ordinary launch that lets nothing after it start early. Here it is one launch, one program a
+token, which lets the first layer's projection start fetching its weights at once (`pdl`). The lookup itself is
+an ordinary launch: the programmatic-dependent chain of a step begins with it, after everything before it in the
+stream (host copies, the previous step) has finished.
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ def _embedding_kernel(ids_ptr, table_ptr, placeholders_ptr, out_ptr, num_placeho
     t = tl.program_id(0)
     if PDL:  # let the first layer's programs start and fetch their weights
         tl.extra.cuda.gdc_launch_dependents()
-        # The ids or placeholders may come from the kernel before, and `out` may reuse memory it still reads.
-        tl.extra.cuda.gdc_wait()
     token = tl.load(ids_ptr + t)
     if PLACEHOLDERS:
         row = tl.minimum(tl.maximum(-1 - token, 0), num_placeholders - 1)
@@ -72,5 +72,5 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, scale: float = 1.0,
             ids, table, placeholders if placeholders is not None else ids, out,
             placeholders.numel() if placeholders is not None else 1, table.stride(0), out.stride(0), scale,
             H=hidden, BLOCK=triton.next_power_of_2(hidden), PLACEHOLDERS=placeholders is not None,
-            SCALE=scale != 1.0, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            SCALE=scale != 1.0, PDL=pdl, num_warps=4)
     return out

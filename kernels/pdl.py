@@ -11,7 +11,8 @@ so the ordering stays transitive across the chain. Before its wait, though, a ke
 kernel of the chain that has started, not only its predecessor, so what it reads there must have been written
 before the chain began: weights and tables (the norms', the rotary cos/sin), the step's inputs the host copied
 in (positions, lengths, block tables, slots), and K/V that earlier steps stored; never what this step's
-kernels write. The chain begins after an ordinary launch (the embedding), which waits for everything before it.
+kernels write. The chain begins with the token lookup (`embedding`): an ordinary launch, which waits for
+everything before it, that lets the kernel after it start early.
 `NBLLM_PDL=0` turns it off (to measure what it is worth).
 """
 
