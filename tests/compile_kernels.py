@@ -57,9 +57,10 @@ def variants():
                gemv._gemv_kernel, dict(K=k, BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=gemv._BLOCK_N,
                                        BLOCK_K=block_k, PROLOGUE=prologue, HAS_BIAS=bias, HAS_RESIDUAL=residual,
                                        EVEN_N=False, EVEN_K=k % block_k == 0, PDL=True), dtype)
-    yield ("gemv bf16 -> fp32 (the logits)", gemv._gemv_kernel,
-           dict(K=1024, BLOCK_M=1, BLOCK_N=gemv._BLOCK_N, BLOCK_K=1024, PROLOGUE=-2, HAS_BIAS=False,
-                HAS_RESIDUAL=False, EVEN_N=True, EVEN_K=True, PDL=True), "bf16", {"out_ptr": "*fp32"})
+    for prologue in (-2, -1):  # the logits, the final norm folded in or not
+        yield (f"gemv bf16 -> fp32 prologue={prologue}", gemv._gemv_kernel,
+               dict(K=1024, BLOCK_M=1, BLOCK_N=gemv._BLOCK_N, BLOCK_K=1024, PROLOGUE=prologue, HAS_BIAS=False,
+                    HAS_RESIDUAL=False, EVEN_N=True, EVEN_K=True, PDL=True), "bf16", {"out_ptr": "*fp32"})
     for (dtype, precision, group), (rope, norm), splits in itertools.product(
             [("bf16", "tf32", 2), ("fp32", "ieee", 4)], [(False, False), (True, False), (True, True)], [1, 16]):
         yield (f"decode attention {dtype} group={group} rope={rope} norm={norm} splits={splits}",

@@ -22,8 +22,9 @@ if not torch.cuda.is_available() and not INTERPRET:
 
 from nbllm.kernels.gemv import MAX_ROWS, gemv, gemv_reference  # noqa: E402
 from nbllm.kernels.paged_attention import store_kv as store_kv_reference  # noqa: E402
+from nbllm.kernels.rmsnorm import rms_norm_reference  # noqa: E402
 from nbllm.kernels.rotary import rotary_qk  # noqa: E402
-from nbllm.models.layers import Linear, RMSNorm, project  # noqa: E402
+from nbllm.models.layers import Linear, RMSNorm, linear_fp32, project  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -53,14 +54,20 @@ def test_gemv_matches_linear(dtype, rows, shape) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_writes_fp32_sums_unrounded_where_asked(rows) -> None:
-    """The logits' path: bf16 in, fp32 out, the sums as the fp32 reference has them (not rounded to bf16 first)."""
+@pytest.mark.parametrize("norm", [False, True])
+def test_gemv_writes_fp32_sums_unrounded_where_asked(rows, norm) -> None:
+    """The logits' path: bf16 in (the final norm folded in, its output rounded as the norm's would be), fp32 out,
+    the sums as the fp32 reference has them (not rounded to bf16 first)."""
     torch.manual_seed(6)
     n, k = SHAPES[-1]
-    x, w = randn(rows, k, dtype=torch.bfloat16), randn(n, k, dtype=torch.bfloat16, scale=k ** -0.5)
-    got = gemv(x, w, out_dtype=torch.float32)
+    # Triton's interpreter rounds to bf16 by truncation, not to nearest as a GPU and torch do: there the normed
+    # input stays fp32.
+    dtype = torch.float32 if norm and INTERPRET else torch.bfloat16
+    x, w = randn(rows, k, dtype=dtype, scale=3.0), randn(n, k, dtype=dtype, scale=k ** -0.5)
+    norm_w = randn(k, dtype=dtype) if norm else None
+    got = gemv(x, w, norm_weight=norm_w, eps=1e-6, out_dtype=torch.float32)
     assert got.dtype == torch.float32
-    want = gemv_reference(x.float(), w.float())
+    want = gemv_reference((rms_norm_reference(x, norm_w, 1e-6) if norm else x).float(), w.float())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, got.bfloat16().float())  # not a bf16 result widened
 
@@ -124,6 +131,20 @@ def test_project_matches_the_unfused_blocks(dtype, rows) -> None:
     unfused = gemv_reference(gemv_reference(h, gate_up.weight, norm_weight=norm.weight, eps=1e-6), down.weight,
                              activation="silu", residual=h)
     torch.testing.assert_close(fused, unfused, **tolerance(dtype))
+
+
+@pytest.mark.skipif(INTERPRET, reason="linear_fp32's GEMV path needs x on CUDA")
+@pytest.mark.parametrize("rows", [1, 8, 24])  # the GEMV, and cuBLAS beyond MAX_ROWS
+def test_linear_fp32_with_the_final_norm_matches_norm_then_head(rows) -> None:
+    """The model's `compute_logits` path: the final norm folded into the head's GEMV at decode sizes."""
+    torch.manual_seed(7)
+    hidden, vocab = 1024, 5000
+    norm = RMSNorm(randn(hidden, dtype=torch.bfloat16), 1e-6)
+    head = Linear(randn(vocab, hidden, dtype=torch.bfloat16, scale=hidden ** -0.5))
+    h = randn(rows, hidden, dtype=torch.bfloat16, scale=3.0)
+    got = linear_fp32(head, h, norm=norm)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, gemv_reference(norm(h).float(), head.weight.float()), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

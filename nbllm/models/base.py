@@ -2,7 +2,9 @@
 
 An architecture file contributes its decoder layer (`layer_class`); the skeleton builds the rotary tables, the
 standard attention and MLP blocks from GGUF-named tensors, and exposes the engine's interface:
-`model(input_ids[T], positions[T], attn) -> hidden[T, H]` and `model.compute_logits(hidden[N, H])`.
+`model(input_ids[T], positions[T], attn) -> hidden[T, H]` and `model.compute_logits(hidden[N, H])`. The final
+norm belongs to the head: it runs only on the rows the caller wants logits of, and at decode sizes on CUDA inside
+the head's GEMV (one launch fewer a step).
 """
 
 from __future__ import annotations
@@ -111,13 +113,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 placeholders: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states `[T, H]` after the final norm for the flat batch `input_ids[T]` at `positions[T]`; an id
-        `-1 - r` stands for `placeholders[r]` (`embed`)."""
+        """Hidden states `[T, H]` after the last layer (before the final norm, which `compute_logits` applies)
+        for the flat batch `input_ids[T]` at `positions[T]`; an id `-1 - r` stands for `placeholders[r]` (`embed`)."""
         h = self.embed(input_ids, placeholders)
         native_step = getattr(attn, "native_step", None)  # a paged CPU backend's: all layers in one C++ call
         if native_step is not None and self.use_native_cpu and (decoder := self._native()) is not None and (
                 step := native_step()) is not None:
-            return self.norm(decoder(h.contiguous(), positions, step))
+            return decoder(h.contiguous(), positions, step)
         crossings = self.placement.crossings if self.placement is not None else {}
         for i, layer in enumerate(self.layers):
             if i in crossings:  # the hidden state moves to the next part's device
@@ -125,7 +127,7 @@ class CausalLM(nn.Module):
             h = layer(h, positions, attn)
         if (head := crossings.get(len(self.layers))) is not None:
             h = h.to(head.device, head.dtype)
-        return self.norm(h)
+        return h
 
     def _native(self) -> NativeDecoder | None:
         """The one-call CPU program for these layers (`nbllm.models.native_cpu`), built on first use: after the
@@ -153,8 +155,9 @@ class CausalLM(nn.Module):
         return rows * self.embed_scale if self.embed_scale != 1.0 else rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits `[N, vocab]` for the rows of `hidden` the caller wants (usually each sequence's last)."""
-        logits = linear_fp32(self.lm_head, hidden)
+        """fp32 logits `[N, vocab]` of the final norm of the rows of `hidden` the caller wants (usually each
+        sequence's last)."""
+        logits = linear_fp32(self.lm_head, hidden, norm=self.norm)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

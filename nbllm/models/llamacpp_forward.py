@@ -56,11 +56,13 @@ HEAD_MARGIN = 0.05
 
 
 def _head(model: CausalLM, h: torch.Tensor, margin: float | None) -> torch.Tensor:
-    """The output head: exact everywhere (`margin=None`), or exact within `margin` of each row's top logit and
-    the fast fp32 matmul of the same rounded activations elsewhere (an exact head costs seconds a row)."""
+    """The output head over the last layer's `h` (the final norm first): exact everywhere (`margin=None`), or
+    exact within `margin` of each row's top logit and the fast fp32 matmul of the same rounded activations
+    elsewhere (an exact head costs seconds a row)."""
     head = model.lm_head
     if margin is None or not isinstance(head, QuantLinear) or head.qtype not in ROW_SELECTABLE:
         return model.compute_logits(h)
+    h = model.norm(h)
     logits = F.linear(activation_rounding(head.qtype)(h), head.weight)
     for r in range(h.shape[0]):
         top = (logits[r] >= logits[r].max() - margin).nonzero()[:, 0]
@@ -82,4 +84,4 @@ def llamacpp_logits(model: CausalLM, ids: list[int], start: int, cache: LlamaCpp
         h = model.embed(torch.tensor(ids))
         for i, layer in enumerate(model.layers):
             h = _layer(layer, h, positions, cache, rows if i == len(model.layers) - 1 else slice(None))
-        return _head(model, model.norm(h), margin)
+        return _head(model, h, margin)
