@@ -3,7 +3,9 @@
     python3 benchmarks/decode_ab.py head=. base=.whl/trees/base [--rounds 2] [--model qwen3-0.6b]
 
 Each TREE is a checkout or an unpacked `git archive REV nbllm kernels widgets` (the device machine sees no git
-history: unpack the revisions here, into a folder the device tool carries). The trees take turns, round after
+history: unpack the revisions here, into a folder the device tool carries, e.g.
+`mkdir -p .whl/trees/base && git archive REV nbllm kernels widgets | tar -x -C .whl/trees/base`;
+`benchmarks/gpu_session.sh`'s `ab` stage runs this with `AB_TREES`). The trees take turns, round after
 round, each in a process of its own with that tree's `nbllm` first on the path, so a slow minute of the machine
 falls on every tree alike; per tree the table gives the median over rounds of `gpu_throughput.py` (b)'s two
 measures: the engine's batch-1 greedy decode (a step: host and device) and its decode graph replayed back to back
@@ -48,8 +50,7 @@ def worker(model_name: str, tokens: int) -> None:
     import nbllm
 
     dev = torch.device("cuda")
-    model, config, hf_model = bench.build_model(model_name, dev)
-    del hf_model  # only the benchmark's transformers baseline needs it
+    model, config, _ = bench.build_model(model_name, dev, hf=False)
     engine = bench.make_engine(model, config, bench.placeholder_tokenizer(config.vocab_size), max_num_seqs=8)
     bench.batch1_decode(engine, tokens=16)  # compiles and captures
     tok_s = bench.batch1_decode(engine, tokens=tokens)

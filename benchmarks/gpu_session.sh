@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session for issue 7: install, kernel tests, same-answers tests, the throughput benchmark.
 # Logs go to $OUT (the device tool brings them back). Usage: bash benchmarks/gpu_session.sh [STAGES] [BENCH ARGS...]
-# STAGES: comma list of kernels,engine,bench (default all three). TESTS_K: a pytest -k filter for both test stages.
+# STAGES: comma list of kernels,engine,ab,bench (default kernels,engine,bench). TESTS_K: a pytest -k filter for both
+# test stages. AB_TREES: the ab stage's NAME=TREE arguments (benchmarks/decode_ab.py; AB_ARGS: its options).
 set -u
 stages=${1:-kernels,engine,bench}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +19,10 @@ fi
 if [[ $stages == *engine* ]]; then
   timeout ${ENGINE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -o addopts=-ra ${TESTS_K:+-k "$TESTS_K"} tests/test_gpu_engine.py tests/test_overlap.py tests/test_kv_offload.py >"$OUT/engine.log" 2>&1
   echo "engine rc=$?"; tail -6 "$OUT/engine.log"
+fi
+if [[ $stages == *ab* ]]; then
+  timeout ${AB_TIMEOUT:-300} python3 benchmarks/decode_ab.py ${AB_TREES:-} ${AB_ARGS:-} >"$OUT/ab.log" 2>&1
+  echo "ab rc=$?"; tail -12 "$OUT/ab.log"
 fi
 if [[ $stages == *bench* ]]; then
   timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/gpu_throughput.py --profile "$OUT/prof" "$@" >"$OUT/bench.log" 2>&1

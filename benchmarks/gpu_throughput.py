@@ -131,12 +131,12 @@ def random_tensors(c: ModelConfig, device: torch.device, seed: int = 0) -> dict[
     return out
 
 
-def build_model(name: str, device: torch.device) -> tuple[CausalLM, ModelConfig, Any]:
-    """(nbllm model, its config, the HF model with the same weights, or None for the 8B)."""
+def build_model(name: str, device: torch.device, *, hf: bool = True) -> tuple[CausalLM, ModelConfig, Any]:
+    """(nbllm model, its config, the HF model with the same weights, or None for the 8B or without `hf`)."""
     hf_config = HF_CONFIGS[name]
     config = ModelConfig.from_hf_config(hf_config, source=name)
     hf_model = None
-    if name == "qwen3-0.6b":
+    if name == "qwen3-0.6b" and hf:
         import transformers
 
         cfg = transformers.Qwen3Config(**{k: v for k, v in hf_config.items() if k != "architectures"})
