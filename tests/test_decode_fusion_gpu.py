@@ -24,7 +24,7 @@ from nbllm.kernels.gemv import MAX_ROWS, gemv, gemv_reference  # noqa: E402
 from nbllm.kernels.paged_attention import store_kv as store_kv_reference  # noqa: E402
 from nbllm.kernels.rmsnorm import rms_norm_reference  # noqa: E402
 from nbllm.kernels.rotary import rotary_qk  # noqa: E402
-from nbllm.models.layers import Linear, RMSNorm, linear_fp32, project  # noqa: E402
+from nbllm.models.layers import Linear, RMSNorm, project  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -131,20 +131,6 @@ def test_project_matches_the_unfused_blocks(dtype, rows) -> None:
     unfused = gemv_reference(gemv_reference(h, gate_up.weight, norm_weight=norm.weight, eps=1e-6), down.weight,
                              activation="silu", residual=h)
     torch.testing.assert_close(fused, unfused, **tolerance(dtype))
-
-
-@pytest.mark.skipif(INTERPRET, reason="linear_fp32's GEMV path needs x on CUDA")
-@pytest.mark.parametrize("rows", [1, 8, 24])  # the GEMV, and cuBLAS beyond MAX_ROWS
-def test_linear_fp32_with_the_final_norm_matches_norm_then_head(rows) -> None:
-    """The model's `compute_logits` path: the final norm folded into the head's GEMV at decode sizes."""
-    torch.manual_seed(7)
-    hidden, vocab = 1024, 5000
-    norm = RMSNorm(randn(hidden, dtype=torch.bfloat16), 1e-6)
-    head = Linear(randn(vocab, hidden, dtype=torch.bfloat16, scale=hidden ** -0.5))
-    h = randn(rows, hidden, dtype=torch.bfloat16, scale=3.0)
-    got = linear_fp32(head, h, norm=norm)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, gemv_reference(norm(h).float(), head.weight.float()), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -67,16 +67,14 @@ def _gemv_serves(linear: nn.Module, x: torch.Tensor) -> bool:
     return gemv.supports(x, linear.weight)
 
 
-def linear_fp32(linear: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = None) -> torch.Tensor:
-    """`linear(norm(x))` in fp32, for the logits: at decode sizes on CUDA one GEMV launch that normalises its
-    input as it reads it and writes its fp32 sums as they are, instead of a norm kernel, a bf16 output and a
-    cast kernel at the end of every decode step."""
-    if (norm is None or type(norm) is RMSNorm) and _gemv_serves(linear, x):
+def linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` in fp32, for the logits: at decode sizes on CUDA the GEMV writes its fp32 sums as they are,
+    one launch instead of a bf16 output and a cast kernel at the end of every decode step."""
+    if _gemv_serves(linear, x):
         from nbllm.kernels.gemv import gemv
 
-        return gemv(x, linear.weight, linear.bias, norm_weight=None if norm is None else norm.weight,
-                    eps=0.0 if norm is None else norm.eps, out_dtype=torch.float32)
-    return linear(x if norm is None else norm(x)).float()
+        return gemv(x, linear.weight, linear.bias, out_dtype=torch.float32)
+    return linear(x).float()
 
 
 def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
