@@ -58,6 +58,21 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype == weight.dtype and x.device == weight.device)
 
 
+def max_registers(prologue: int, block_m: int, block_n: int, block_k: int, num_warps: int, *, even_n: bool,
+                  has_residual: bool, element_size: int) -> int | None:
+    """The launch's register cap: 40 a thread for a pre-norm projection of one row (the q/k/v and gate/up GEMVs
+    of a batch-1 step: 16-bit weights, whole row groups, no residual, at most 4096 products for 4 warps), else
+    none.
+
+    The norm's statistics take such a program to 43-48 registers, allocated as 48, so 10 programs of 4 warps fit
+    an SM; capped at 40 the same code compiles without spilling (ptxas for sm_90, same instruction count) and 12
+    fit: all 1,536 of Qwen3-0.6B's gate/up programs are then resident at once on a 132-SM H200 and load their
+    weights before they wait, instead of the last 216 starting only as others finish. Other variants spill
+    under the cap (tests/compile_kernels.py checks every one this admits)."""
+    small_norm = prologue == _NORM and block_m == 1 and block_n * block_k <= 4096 and num_warps == 4
+    return 40 if small_norm and even_n and not has_residual and element_size == 2 else None
+
+
 def _block_k(rows: int, k: int, block_n: int) -> int:
     """A K tile of at most 8192 products a step (64 fp32 accumulators a thread at 4 warps), one that divides K
     where a power of two >= 64 does (no masked tail: 3072 -> 1024, not 2048). Except where K is no power of two
@@ -178,12 +193,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = block_k or _block_k(rows, k, block_n)
     pdl = pdl_enabled(x.device)
     prologue = _NORM if norm_weight is not None else ACTIVATIONS[activation] if activation else _NONE
+    block_m = triton.next_power_of_2(rows)
     out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out, out, rows, n, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), eps, K=k,
-        BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, PROLOGUE=prologue,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, EVEN_N=n % block_n == 0,
-        EVEN_K=k % block_k == 0, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        EVEN_K=k % block_k == 0, PDL=pdl, num_warps=num_warps,
+        maxnreg=max_registers(prologue, block_m, block_n, block_k, num_warps, even_n=n % block_n == 0,
+                              has_residual=residual is not None, element_size=x.element_size()),
+        launch_pdl=pdl)
     return out

@@ -26,3 +26,4 @@ def test_every_decode_kernel_variant_compiles_for_hopper() -> None:
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "variants compiled for sm_90" in run.stdout
+    assert " 0 under a register cap" not in run.stdout  # the cap's no-spill check ran
