@@ -1,7 +1,11 @@
 """Compiles every variant of the decode path's Triton kernels that the engine launches for Hopper (sm_90), without
 a GPU (Triton and its bundled `ptxas` build the cubins), and prints the ones that fail. Run by
 tests/test_kernels_compile.py in a process of its own: the test session runs Triton's interpreter, which the
-compiler cannot use."""
+compiler cannot use.
+
+`python3 tests/compile_kernels.py --resources` also prints each variant's registers, spills, SASS instructions
+and barriers, and how many of its programs fit an SM at once: what decides whether the next kernel of a decode
+step can start beside it (the register cap of `gemv.max_registers` came from this table)."""
 
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ FP32_POINTERS = {"cos_ptr", "sin_ptr", "mid_o_ptr", "mid_lse_ptr", "part_max_ptr
 FLOATS = {"eps", "scale"}
 
 
-def compile_for_hopper(fn, constants: dict, dtype: str = "bf16", pointers: dict | None = None) -> int | None:
+def compile_for_hopper(fn, constants: dict, dtype: str = "bf16",
+                       pointers: dict | None = None) -> tuple[int | None, bytes]:
     """Compile `fn` with `constants` for its constexpr arguments; pointers to activations and weights are `dtype`
     unless `pointers` names their type, the rest as the launchers pass them; every pointer 16-byte aligned, as
-    torch allocates; the GEMV under the register cap its launcher sets, which it returns. Fails if a capped
-    kernel spills registers to local memory."""
+    torch allocates; the GEMV under the register cap its launcher sets. Returns the cap and the cubin; fails if a
+    capped kernel spills registers to local memory."""
     signature = {}
     for name in fn.arg_names:
         if name in constants:
@@ -56,20 +61,28 @@ def compile_for_hopper(fn, constants: dict, dtype: str = "bf16", pointers: dict 
                                  has_residual=constants["HAS_RESIDUAL"], element_size=4 if dtype == "fp32" else 2)
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
                               target=HOPPER, options={"num_warps": 4, **({"maxnreg": cap} if cap else {})})
+    cubin = compiled.asm["cubin"]
     if cap:
-        stack = _stack_bytes(compiled.asm["cubin"])
+        stack = resources(cubin)["stack"]
         assert stack == 0, f"spills {stack} bytes a thread to local memory under its register cap"
-    return cap
+    return cap, cubin
 
 
-def _stack_bytes(cubin: bytes) -> int:
-    """The per-thread stack (local memory: spilled registers) of a cubin's kernel, by Triton's bundled cuobjdump."""
+def resources(cubin: bytes, num_warps: int = 4) -> dict[str, int]:
+    """A cubin's registers and stack (spilled registers) a thread, SASS instructions and barriers, by Triton's
+    bundled cuobjdump, and its programs an SM (Hopper: 64K registers allocated per warp in 256s, 2,048 threads,
+    32 programs)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    return int(re.search(r"STACK:(\d+)", usage).group(1))
+        usage, sass = (subprocess.run([str(CUOBJDUMP), flag, f.name], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    warp_registers = -(-registers * 32 // 256) * 256
+    return {"registers": registers, "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
+            "barriers": len(re.findall(r"\bBAR\.SYNC", sass)),
+            "programs_per_sm": min(65536 // (warp_registers * num_warps), 2048 // (32 * num_warps), 32)}
 
 
 def variants():
@@ -115,7 +128,10 @@ def main() -> int:
     for label, fn, constants, dtype, *pointers in variants():
         count += 1
         try:
-            capped += compile_for_hopper(fn, constants, dtype, *pointers) is not None
+            cap, cubin = compile_for_hopper(fn, constants, dtype, *pointers)
+            capped += cap is not None
+            if "--resources" in sys.argv:
+                print(label, " ".join(f"{k}={v}" for k, v in resources(cubin).items()))
         except Exception:  # report every variant that fails, not only the first
             failed.append(label)
             print(f"FAILED {label}\n{traceback.format_exc(limit=1)}")
