@@ -67,8 +67,10 @@ def max_registers(prologue: int, block_m: int, block_n: int, block_k: int, num_w
     The norm's statistics take such a program to 43-48 registers, allocated as 48, so 10 programs of 4 warps fit
     an SM; capped at 40 the same code compiles without spilling (ptxas for sm_90, same instruction count) and 12
     fit: all 1,536 of Qwen3-0.6B's gate/up programs are then resident at once on a 132-SM H200 and load their
-    weights before they wait, instead of the last 216 starting only as others finish. Other variants spill
-    under the cap (tests/compile_kernels.py checks every one this admits)."""
+    weights before they wait, instead of the last 216 starting only as others finish; and a decode attention
+    program (164 registers) fits beside the q/k/v GEMV's 7-8 an SM, to gather its first K/V tile early. Other
+    variants spill under the cap (some with a residual, or ragged N): tests/compile_kernels.py compiles the ones
+    this admits at the models' widths (640-1024) and fails if any spills."""
     small_norm = prologue == _NORM and block_m == 1 and block_n * block_k <= 4096 and num_warps == 4
     return 40 if small_norm and even_n and not has_residual and element_size == 2 else None
 
