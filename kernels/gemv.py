@@ -195,16 +195,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = block_k or _block_k(rows, k, block_n)
     pdl = pdl_enabled(x.device)
     prologue = _NORM if norm_weight is not None else ACTIVATIONS[activation] if activation else _NONE
-    block_m = triton.next_power_of_2(rows)
+    block_m, even_n = triton.next_power_of_2(rows), n % block_n == 0
     out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out, out, rows, n, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), eps, K=k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PROLOGUE=prologue,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, EVEN_N=n % block_n == 0,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, EVEN_N=even_n,
         EVEN_K=k % block_k == 0, PDL=pdl, num_warps=num_warps,
-        maxnreg=max_registers(prologue, block_m, block_n, block_k, num_warps, even_n=n % block_n == 0,
+        maxnreg=max_registers(prologue, block_m, block_n, block_k, num_warps, even_n=even_n,
                               has_residual=residual is not None, element_size=x.element_size()),
         launch_pdl=pdl)
     return out
