@@ -8,22 +8,19 @@ Decode is a pass over the KV cache: its time is the bytes of K and V read. So ea
 keys once for the whole query group that shares it (the G = Hq / Hkv query heads become the rows of one `tl.dot`),
 and a long context is cut into `num_splits` slices attended by separate programs (flash-decoding). Without splits
 a batch-1 decode would run Hkv programs on a 132-SM chip. Each split stores its partial result (output and
-log-sum-exp) and the last program of a (sequence, KV head) to finish merges them (`arrival`): one launch, not a
+log-sum-exp) and the last split of a (sequence, KV head) to finish merges them (`arrival`): one launch, not a
 split kernel and a merge kernel. `num_splits` is a launch constant, not derived from the context lengths, so a
-CUDA graph captured once serves every later step. With splits, the step's new key is attended by a program of
-its own and each split takes `ceil(keys / num_splits)` of the keys before it, rounded up to whole tiles (so a
-short sequence leaves its last splits empty; the merge gives those no weight). With one split the program walks
-every key and writes its output directly. On Hopper the launch is programmatic-dependent (`pdl`).
+CUDA graph captured once serves every later step; each split takes `ceil(keys / num_splits)` of its sequence's
+keys, rounded up to whole tiles (so a short sequence leaves its last splits empty; the merge gives those no
+weight). With one split the program writes its output directly. On Hopper the launch is programmatic-dependent
+(`pdl`).
 
 A decode step's q/k norms, rotary and K/V store can ride in the same launch (`DecodeRope`): each program
-normalises and rotates its query group itself (a few hundred bytes), and the program that attends to the new
-token writes its key and value into the pools. One launch a layer fewer, and the same bits as `rotary_qk`
-followed by this kernel (both rotate through `rotary.norm_rope`). It also lets each program gather its first K/V
-tile before the programmatic-dependent wait, while the q/k/v projection still runs: only keys of earlier steps,
-so with splits the tiles are whole and the new key's program alone stores and patches in the new row from
-registers (the critical path of every other program carries no key rotation, store or patch: at batch 1 the
-program that finishes last decides when the launch ends); with one split, its tile lacks the new row until the
-program patches it in.
+normalises and rotates its query group itself (a few hundred bytes), and the split whose slice ends at the new
+token writes that token's key and value into the pools before reading them. One launch a layer fewer, and the
+same bits as `rotary_qk` followed by this kernel (both rotate through `rotary.norm_rope`). It also lets each
+program gather its first K/V tile before the programmatic-dependent wait, while the q/k/v projection still runs:
+the tile then lacks only the new key and value, which the split that stores them patches in from registers.
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ class DecodeRope:
     """What `rotary_qk` would do before the attention, done inside its launch: `q` is then the step's projection,
     whose heads the kernel normalises (`q_weight`, `eps`) and rotates by `positions`, and the step's new keys
     `k: [B, Hkv, D]` (normalised with `k_weight`, rotated) and values `v` are written into the pools at `slots`
-    (-1: none) by the program that attends to them. Same bits as the two launches."""
+    (-1: none) by the split that reads them. Same bits as the two launches."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -90,7 +87,7 @@ def _split_kernel(
     stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_kb, stride_kh, stride_vb, stride_vh, stride_c,
     scale, window, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -102,16 +99,10 @@ def _split_kernel(
     # tables and K/V of earlier steps; never what this step's kernels write.
     ctx = tl.load(ctx_ptr + b)
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    new = ctx - 1  # this step's key
-    # With a program of its own for the new key (PARTS > SPLITS) the splits share the keys before it.
-    end = new if PARTS > SPLITS else ctx
     # Whole tiles per split, at least one: a short sequence fills its first splits and leaves the rest empty.
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(end - first, SPLITS), BLOCK_N), 1) * BLOCK_N
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(ctx - first, SPLITS), BLOCK_N), 1) * BLOCK_N
     lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, end)
-    if PARTS > SPLITS:
-        lo = tl.where(split == SPLITS, tl.maximum(new, 0), lo)
-        hi = tl.where(split == SPLITS, ctx, hi)
+    hi = tl.minimum(lo + per_split, ctx)
 
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows
@@ -127,8 +118,9 @@ def _split_kernel(
         qw1, qw2 = norm_halves(qw_ptr, halves, D // 2, NORM)
         kw1, kw2 = norm_halves(kw_ptr, halves, D // 2, NORM)
         slot = tl.load(slots_ptr + b).to(tl.int64)  # -1: a padding row, nothing to store
-        # The first tile now, of keys before the new one (whose row comes from registers below): the gather
-        # overlaps the kernel before instead of following it.
+        new = ctx - 1
+        # The first tile now, all but the new key (its row comes from registers below): the gather overlaps the
+        # kernel before instead of following it.
         pos, k, v = paged_kv_tile(k_ptr, v_ptr, table, lo, tl.minimum(hi, new), kv_head, dims, dim_ok, HKV, D,
                                   BLOCK_N, BLOCK_SIZE)
         if PDL:
@@ -143,15 +135,14 @@ def _split_kernel(
         value = tl.load(new_v_ptr + b * stride_vb + kv_head * stride_vh + dims)[None, :].to(v_ptr.dtype.element_ty)
         y1, y2 = norm_rope(q1, q2, c, s, qw1, qw2, eps, D // 2, NORM, q_ptr.dtype.element_ty)
         q = _joined(y1, y2, BLOCK_H, BLOCK_D)
-        if split == PARTS - 1:  # the program that reads the new key stores it first
+        if split == (new - first) // per_split:  # the split that reads the new key stores it first
             r1, r2 = norm_rope(k1, k2, c, s, kw1, kw2, eps, D // 2, NORM, new_k_ptr.dtype.element_ty)
             key = _joined(r1, r2, 1, BLOCK_D).to(k_ptr.dtype.element_ty)
             if slot >= 0:
                 row = (slot * HKV + kv_head) * D + dims[None, :]
                 tl.store(k_ptr + row, key)
                 tl.store(v_ptr + row, value)
-            if PARTS == SPLITS:  # one program walks every tile: the stores land before a later tile reads them
-                tl.debug_barrier()
+            tl.debug_barrier()  # the stores land before any thread of this program reads a later tile holding them
             mine = (pos == new)[:, None] & (slot >= 0)
             k = tl.where(mine, key, k)
             v = tl.where(mine, value, v)
@@ -173,29 +164,29 @@ def _split_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-    if PARTS == 1:
+    if SPLITS == 1:
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        base = (b * HQ + heads) * PARTS
+        base = (b * HQ + heads) * SPLITS
         tl.store(mid_o_ptr + (base + split)[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
         tl.store(mid_lse_ptr + base + split, lse, mask=row_ok)
-        if last_arrival(counter_ptr + b * HKV + kv_head, PARTS):
-            _merge_splits(mid_o_ptr, mid_lse_ptr, out_rows, base, row_ok, dims, dim_ok, BLOCK_H, BLOCK_D, PARTS)
+        if last_arrival(counter_ptr + b * HKV + kv_head, SPLITS):
+            _merge_splits(mid_o_ptr, mid_lse_ptr, out_rows, base, row_ok, dims, dim_ok, BLOCK_H, BLOCK_D, SPLITS)
 
 
 @triton.jit
 def _merge_splits(mid_o_ptr, mid_lse_ptr, out_rows, base, row_ok, dims, dim_ok, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
-    """The partials of a query group, weighted by their share of the softmax mass, in program order."""
+                  BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """The split partials of a query group, weighted by their share of the softmax mass, in split order."""
     top = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in tl.static_range(PARTS):
+    for s in tl.static_range(SPLITS):
         top = tl.maximum(top, tl.load(mid_lse_ptr + base + s, mask=row_ok, other=float("-inf"),
                                       cache_modifier=".cg"))
     top = tl.where(top == float("-inf"), 0.0, top)  # a padding row: no keys in any split
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s in tl.static_range(PARTS):
+    for s in tl.static_range(SPLITS):
         w = tl.exp(tl.load(mid_lse_ptr + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - top)
         o = tl.load(mid_o_ptr + (base + s)[:, None] * BLOCK_D + dims[None, :], mask=row_ok[:, None], other=0.0,
                     cache_modifier=".cg")
@@ -245,22 +236,21 @@ def decode_attention(
     r = rope if rope is not None else DecodeRope(q, q, context_lens, q, q, context_lens)  # unused pointers
     norm = rope is not None and rope.q_weight is not None
     out = torch.empty_like(q) if out is None else out
-    parts = num_splits + 1 if num_splits > 1 else 1  # the splits, and the new key's own program
     mid_o = mid_lse = out  # one split writes `out` itself: no partials
-    if parts > 1:
-        mid_o = torch.empty((batch, hq, parts, block_d), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((batch, hq, parts), dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        mid_o = torch.empty((batch, hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     pdl = pdl_enabled(q.device)
     num_stages = num_stages or (1 if num_splits > 1 else 2)
-    _split_kernel[(batch, hkv, parts)](
+    _split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse, out, counters(q.device, batch * hkv),
         r.k, r.v, r.positions, r.cos, r.sin, r.q_weight if norm else q, r.k_weight if norm else q, r.slots,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), r.k.stride(0),
         r.k.stride(1), r.v.stride(0), r.v.stride(1), r.cos.stride(0),
         scale, sliding_window or 0, r.eps,
         HQ=hq, HKV=hkv, GROUP=group, D=d, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PARTS=parts, PRECISION=precision, PDL=pdl,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=num_splits, PRECISION=precision, PDL=pdl,
         ROPE=rope is not None, NORM=norm,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )

@@ -108,7 +108,7 @@ def variants():
         yield (f"decode attention {dtype} group={group} rope={rope} norm={norm} splits={splits}",
                decode_attention._split_kernel,
                dict(HQ=8 * group, HKV=8, GROUP=group, D=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_SIZE=16,
-                    SPLITS=splits, PARTS=splits + (splits > 1), PRECISION=precision, PDL=True, ROPE=rope, NORM=norm), dtype)
+                    SPLITS=splits, PRECISION=precision, PDL=True, ROPE=rope, NORM=norm), dtype)
     for norm, store in [(False, False), (True, False), (True, True)]:
         yield (f"rotary q/k norm={norm} store={store}", rotary._qk_kernel,
                dict(HQ=16, HKV=8, HALF=64, BLOCK_Q=16, BLOCK_K=8, BLOCK_D=64, NORM=norm, STORE=store, PDL=True),

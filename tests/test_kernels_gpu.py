@@ -244,8 +244,7 @@ def test_decode_attention_with_rope_gives_the_bits_of_rotary_then_attention(dtyp
     """q/k norms, rotary and the K/V store inside the attention launch (`DecodeRope`): the same output and the
     same pools as `rotary_qk` with its store followed by `decode_attention`, bit for bit; a padding row (slot -1,
     context 0) stores nothing and gets zeros. Without the window and with one split, the 70-key sequence's new key
-    lies in its split's second tile (the first is gathered before the new key exists); otherwise in the first; with
-    splits, every new key is attended by a program of its own."""
+    lies in its split's second tile (the first is gathered before the new key exists); otherwise in the first."""
     bs, hkv, group = 16, 2, 2
     batch = make_batch([(70, 1), (16, 1), (1, 1), (5, 1)], block_size=bs, heads=hkv * group, kv_heads=hkv,
                        head_dim=HEAD_DIM, dtype=dtype, seed=11)
