@@ -119,8 +119,10 @@ def variants():
         yield (f"embedding {dtype} placeholders={placeholders} scale={scale}", embedding._embedding_kernel,
                dict(H=640, BLOCK=1024, PLACEHOLDERS=placeholders, SCALE=scale, PDL=True), dtype,
                {"ids_ptr": "*i64", "placeholders_ptr": "*i64"})
-    yield ("argmax/logsumexp", argmax_logsumexp._kernel, dict(CHUNK=4096, CHUNKS=38, BLOCK_C=64, PDL=True),
-           "fp32")
+    for host in (False, True):  # a decode graph's: its tokens to the host, its next inputs advanced
+        yield (f"argmax/logsumexp graph={host}", argmax_logsumexp._kernel,
+               dict(CHUNK=4096, CHUNKS=38, BLOCK_C=64, PDL=True, HOST=host, ADVANCE=host, BLOCK_SIZE=16), "fp32",
+               {"host_ids_ptr": "*i64", "host_lp_ptr": "*fp32", "halves_ptr": "*i64", "inputs_ptr": "*i64"})
 
 
 def main() -> int:

@@ -94,3 +94,18 @@ def test_the_decode_graphs_greedy_tokens_equal_the_samplers(tiny_model) -> None:
     for (ids, lps), (want_ids, want_lps) in zip(short, general, strict=True):
         assert ids == want_ids
         assert [e[t] for t, e in zip(ids, lps)] == [e[t] for t, e in zip(want_ids, want_lps)]
+
+
+def test_a_steady_decode_leaves_its_next_inputs_on_the_device(tiny_model) -> None:
+    """Batch-1 greedy decode: each replay's argmax writes the next step's inputs, so the host copies them only
+    when they differ (the first step, and a sequence entering a new 16-token block, whose slot the replay before
+    could not know), and the answers are the CPU engine's."""
+    path, _ = tiny_model("qwen3", "f32")
+    prompt = random_prompts([20], seed=11)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    llm = LLM(path, device="cuda", dtype=torch.float32, kv_cache_tokens=4096)
+    got = llm.generate(prompt, params)[0].outputs[0].token_ids
+    graphs = llm.engine.runner.graphs
+    replays = len(got) - 1  # the prompt's step samples the first token
+    assert graphs.input_copies <= 1 + replays // 16 + 1 < replays // 4
+    assert make_llm(path).generate(prompt, params)[0].outputs[0].token_ids == got

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from test_paged_attention import make_batch
@@ -27,6 +28,7 @@ from nbllm.kernels.arrival import counters
 from nbllm.kernels.embedding import embedding, embedding_reference
 from nbllm.kernels.decode_attention import DecodeRope, decode_attention
 from nbllm.kernels.extend_attention import extend_attention
+from nbllm.kernels.next_inputs import next_inputs_reference
 from nbllm.kernels.paged_attention import paged_attention
 from nbllm.kernels.paged_attention import store_kv as store_kv_reference
 from nbllm.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
@@ -198,6 +200,48 @@ def test_argmax_logsumexp_matches_torch_and_keeps_the_first_maximum(dtype, shape
     assert torch.equal(ids.cpu(), ref_ids) and ids[0].item() == 7
     torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logprob.cpu(), ref_logprob, rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_logsumexp_writes_each_row_into_its_half_of_pinned_host_memory() -> None:
+    """The host mirror of a decode graph's greedy step: row b lands in half `halves[b]` of the pinned buffers,
+    the same values as on the device, and the other half keeps what it held (the previous launch's results)."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 9000).to(DEVICE)
+    buffers = [torch.full((2, 4), -7, dtype=torch.int64), torch.full((2, 4), -7.0)]
+    host_ids, host_lp = (b.pin_memory() for b in buffers) if DEVICE.type == "cuda" else buffers
+    halves = torch.tensor([1, 0, 1], device=DEVICE)
+    ids, _, logprob = argmax_logsumexp(x, host=(host_ids, host_lp, halves))
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    rows = torch.arange(3)
+    assert torch.equal(host_ids[halves.cpu(), rows], ids.cpu())
+    assert torch.equal(host_lp[halves.cpu(), rows], logprob.cpu())
+    assert torch.equal(host_ids[1 - halves.cpu(), rows], torch.full((3,), -7))
+    assert torch.equal(host_ids[:, 3], torch.full((2,), -7))
+
+
+def test_argmax_logsumexp_advances_the_decode_inputs_as_the_host_predicts() -> None:
+    """The decode graph's next inputs (`next_inputs`): a row within its block, one entering the next block of its
+    table, one past its table's end (no slot), and a padding row, which only changes half; the host's numpy
+    prediction gives the same array, and the host mirror uses the halves before they flip."""
+    torch.manual_seed(6)
+    x = torch.randn(4, 5000).to(DEVICE)
+    inputs = np.array([[9, -2, 4, 0], [20, 31, 63, 0], [7 * 16 + 4, 3 * 16 + 15, 0, -1], [21, 32, 64, 0],
+                       [1, 1, 1, 1]], dtype=np.int64)
+    tables = np.array([[5, 7, 0, 0], [2, 3, 9, 1], [4, 4, 4, 4], [0, 0, 0, 0]], dtype=np.int32)
+    device_inputs, device_tables = torch.tensor(inputs, device=DEVICE), torch.tensor(tables, device=DEVICE)
+    host_ids, host_lp = torch.zeros((2, 4), dtype=torch.int64), torch.zeros((2, 4))
+    if DEVICE.type == "cuda":
+        host_ids, host_lp = host_ids.pin_memory(), host_lp.pin_memory()
+    ids, _, _ = argmax_logsumexp(x, host=(host_ids, host_lp, device_inputs[4]),
+                                 advance=(device_inputs, device_tables, 16))
+    expected = next_inputs_reference(inputs, tables, 16, 4)
+    assert np.array_equal(device_inputs.cpu().numpy(), expected)
+    assert expected[:, 0].tolist() == [-1, 21, 7 * 16 + 5, 22, 0]  # the next slot of block 7
+    assert expected[:, 1].tolist() == [-2, 32, 9 * 16, 33, 0]  # position 32: the first slot of block 9
+    assert expected[:, 2].tolist() == [-3, 64, -1, 65, 0]  # block 4 of a four-block table: none
+    assert expected[:, 3].tolist() == [0, 0, -1, 0, 0]  # padding: only the half flips
+    assert torch.equal(host_ids[1].cpu(), ids.cpu())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

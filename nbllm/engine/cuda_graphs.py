@@ -10,7 +10,11 @@ kernel writes zeros for them, so they cost a little compute and touch no real se
 The graph also begins and ends the host's per-token work on the device: its token lookup resolves the input ids
 that are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and it ends with each row's
 argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
-(`SamplingBatch.plain_greedy`) is one replay and the copy of its tokens to the host, with no sampling launch.
+(`SamplingBatch.plain_greedy`) is one replay with no sampling launch. Its tokens reach the host with no copy
+either: the argmax kernel also writes them into pinned host memory (`argmax_logsumexp`'s `host`), so between two
+replays the stream holds only the inputs' copy, and the device goes from one step's graph to the next's at once.
+The host buffers have two halves, used by alternate replays (each replay's inputs say which): the host reads one
+replay's tokens while the next is already queued.
 
 All buckets are captured together, largest first, at the first decode step, sharing one memory pool (the
 graphs never run concurrently). The decode attention's split count is fixed per bucket
@@ -26,6 +30,7 @@ import torch
 
 from nbllm.engine.sampler import SampleResult, greedy_sample
 from nbllm.kernels.decode_attention import default_num_splits
+from nbllm.kernels.next_inputs import next_inputs_reference
 from nbllm.kernels.placeholders import resolve_placeholders
 
 if TYPE_CHECKING:
@@ -47,26 +52,35 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks = max_batch, max_blocks
         self.sizes = bucket_sizes(max_batch)
         dev = model.device
-        # ids, positions, slots and context lengths of a step, one row each: one host-to-device copy per step.
-        self._inputs = torch.zeros((4, max_batch), dtype=torch.long, device=dev)
-        self.ids, self.positions, self.slots, self.context_lens = self._inputs.unbind(0)
+        # ids, positions, slots, context lengths of a step and the half of the host buffers its tokens go to, one
+        # row each: one host-to-device copy, when the step before did not leave them there
+        # (`nbllm.kernels.next_inputs`; `_expected` is what the device holds then, None when unknown).
+        self._inputs = torch.zeros((5, max_batch), dtype=torch.long, device=dev)
+        self.ids, self.positions, self.slots, self.context_lens, self._halves = self._inputs.unbind(0)
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=dev)
         # Pinned host staging, so the copies are asynchronous; two sets, used in turn, so that with overlap
         # scheduling the host can fill step N+1's while step N's copy may still be queued (each set's event
         # says when its last copy is done).
-        self._host = [torch.zeros((4, max_batch), dtype=torch.long).pin_memory() for _ in range(2)]
+        self._host = [torch.zeros((5, max_batch), dtype=torch.long).pin_memory() for _ in range(2)]
         self._host_tables = [torch.zeros((max_batch, max_blocks), dtype=torch.int32).pin_memory() for _ in range(2)]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
-        # The block-table rows last copied to the device (nothing else writes them): a decode batch's tables change
-        # only when a sequence enters a new block or the batch changes (at batch 1, one step in 16), and each
-        # copy is a transfer on the device's critical path between two replays.
-        self._device_tables: np.ndarray | None = None
+        self._expected: np.ndarray | None = None
+        self.input_copies = 0  # replays whose inputs the host had to copy
+        # The device's block tables (nothing but the copies below writes them): a decode batch's tables change only
+        # when a sequence enters a new block or the batch changes (at batch 1, one step in 16), and each copy is a
+        # transfer on the device's critical path between two replays.
+        self._device_tables = np.zeros((max_batch, max_blocks), dtype=np.int32)
         # Each replay's greedy tokens, their log-sum-exp and log-probabilities, rows first; the tokens are also
         # where the next replay resolves its placeholders from.
         self.sampled = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._lse, self._logprobs = torch.zeros((2, max_batch), dtype=torch.float32, device=dev).unbind(0)
-        self._batch = 0  # rows of the last replay
+        # The same tokens and log-probabilities in pinned host memory, written by the graph: half `turn` for the
+        # replay of that staging turn; each half's event fires when its replay is done.
+        self._host_ids = torch.zeros((2, max_batch), dtype=torch.long).pin_memory()
+        self._host_logprobs = torch.zeros((2, max_batch), dtype=torch.float32).pin_memory()
+        self._replayed = [torch.cuda.Event(), torch.cuda.Event()]
+        self._batch, self._last_turn = 0, 0  # rows and staging turn of the last replay
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -88,24 +102,36 @@ class DecodeGraphs:
         host[1, :batch] = inputs.positions
         host[2, :batch] = inputs.slots
         host[3, :batch] = inputs.context_lens
-        self._inputs.copy_(host_inputs, non_blocking=True)  # all of it: a column slice would be staged pageable
+        host[4, :size] = turn
+        copied = self._expected is None or not np.array_equal(self._expected[:, :size], host[:, :size])
+        if copied:
+            self._inputs.copy_(host_inputs, non_blocking=True)  # all of it: a column slice would be staged pageable
+            self._expected = host.copy()
+            self.input_copies += 1
         tables = inputs.block_tables
-        if self._device_tables is None or not np.array_equal(self._device_tables, tables):
-            width = tables.shape[1]
+        width = tables.shape[1]
+        if not np.array_equal(self._device_tables[:batch, :width], tables):
             host_tables.numpy()[:batch, :width] = tables
             self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
-            self._device_tables = np.array(tables, copy=True)
-        self._copied[turn].record()
+            self._device_tables[:batch, :width] = tables
+            copied = True
+        if copied:
+            self._copied[turn].record()
         if placeholders is not None and placeholders.data_ptr() != self.sampled.data_ptr():
             resolve_placeholders(self.ids[:batch], placeholders)  # not sampled by a replay: resolved here
         self._graphs[size].replay()
-        self._batch = batch
+        self._replayed[turn].record()
+        self._expected = next_inputs_reference(self._expected, self._device_tables, self.pool.block_size, size)
+        self._batch, self._last_turn = batch, turn
         return self._logits[size][:batch]
 
-    def greedy(self) -> SampleResult:
-        """The last replay's greedy tokens and their log-probabilities (views, valid until the next replay):
-        what `Sampler` returns for those logits when the batch is `plain_greedy`."""
-        return SampleResult(self.sampled[: self._batch], self._logprobs[: self._batch])
+    def greedy(self) -> tuple[SampleResult, SampleResult, torch.cuda.Event]:
+        """The last replay's greedy tokens and their log-probabilities, what `Sampler` returns for those logits
+        when the batch is `plain_greedy`: on the device (views valid until the next replay), in pinned host memory
+        (valid once the event has fired, until the replay after the next), and that event."""
+        batch, turn = self._batch, self._last_turn
+        return (SampleResult(self.sampled[:batch], self._logprobs[:batch]),
+                SampleResult(self._host_ids[turn, :batch], self._host_logprobs[turn, :batch]), self._replayed[turn])
 
     def capture(self) -> None:
         from nbllm.engine.model_runner import TritonPagedAttention
@@ -122,7 +148,9 @@ class DecodeGraphs:
             def forward(size: int = size, attn: TritonPagedAttention = attn) -> torch.Tensor:
                 hidden = self.model(self.ids[:size], self.positions[:size], attn, self.sampled)
                 logits = self.model.compute_logits(hidden)
-                greedy_sample(logits, out=(self.sampled[:size], self._lse[:size], self._logprobs[:size]))
+                greedy_sample(logits, out=(self.sampled[:size], self._lse[:size], self._logprobs[:size]),
+                              host=(self._host_ids, self._host_logprobs, self._halves[:size]),
+                              advance=(self._inputs, self.block_tables, self.pool.block_size))
                 return logits
 
             self.context_lens.zero_()  # warm-up and capture store nothing and read nothing
@@ -135,4 +163,5 @@ class DecodeGraphs:
             pool = graph.pool() if pool is None else pool
             self._graphs[size] = graph
         torch.cuda.synchronize()
+        self._expected = None  # the warm-ups advanced the inputs: the first replay copies them
 

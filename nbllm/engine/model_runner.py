@@ -344,8 +344,9 @@ class ModelRunner:
                 hidden = hidden[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)]
             return self.model.compute_logits(hidden).to(dev)  # a split model's head is on another device
 
-    def graph_greedy(self) -> SampleResult | None:
-        """The last step's greedy tokens when its decode graph took them (`DecodeGraphs.greedy`), else None."""
+    def graph_greedy(self) -> tuple[SampleResult, SampleResult, torch.cuda.Event] | None:
+        """The last step's greedy tokens, on the device and the host, when its decode graph took them
+        (`DecodeGraphs.greedy`), else None."""
         return self.graphs.greedy() if self._replayed else None
 
     def _attention(self, inputs: StepInputs, dev: torch.device) -> PagedAttention | TritonPagedAttention:

@@ -145,10 +145,12 @@ class OverlapLoop:
             seq.request.forked = True  # n = 1: nothing to fork
         # Plain rows: no penalties, so no token history (the engine reuses the settings while the rows stay).
         sampling = core._sampling_batch(ready, [[]] * len(ready))
-        result = core.runner.graph_greedy() if sampling.plain_greedy else None  # the graph sampled already
-        if result is None:
+        taken = core.runner.graph_greedy() if sampling.plain_greedy else None  # the graph sampled already
+        if taken is not None:
+            result, host, event = taken
+        else:
             result = core.sampler(logits, sampling)
-        host, event = to_host(result, self._pinned(len(ready)) if result.token_ids.is_cuda else None)
+            host, event = to_host(result, self._pinned(len(ready)) if result.token_ids.is_cuda else None)
         return InflightStep(ready, result.token_ids, host, event)
 
     def _pinned(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,14 +173,17 @@ class Sampler:
         return SampleResult(token_ids, sampled_logprobs, _top_logprobs(x, lse, batch))
 
 
-def greedy_sample(logits: torch.Tensor, *, out: tuple[torch.Tensor, ...] | None = None) -> SampleResult:
+def greedy_sample(logits: torch.Tensor, *, out: tuple[torch.Tensor, ...] | None = None,
+                  host: tuple[torch.Tensor, ...] | None = None,
+                  advance: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> SampleResult:
     """Every row's argmax and its raw log-probability: the whole sampler for a `plain_greedy` batch. On CUDA one
     launch and no host synchronisation, so a decode graph captures it, writing into `out` (ids, log-sum-exp,
-    log-probability buffers); elsewhere the same values as the general path."""
+    log-probability buffers), the ids and log-probabilities into pinned `host` memory as well, and a decode
+    graph's next inputs (`advance`; both `argmax_logsumexp`'s); elsewhere the same values as the general path."""
     if logits.is_cuda:
         from nbllm.kernels.argmax_logsumexp import argmax_logsumexp
 
-        ids, _, logprobs = argmax_logsumexp(logits, out=out)
+        ids, _, logprobs = argmax_logsumexp(logits, out=out, host=host, advance=advance)
         return SampleResult(ids, logprobs)
     x = logits.to(torch.float32)
     best, lse = _argmax_logsumexp(x)
