@@ -11,10 +11,10 @@ The graph also begins and ends the host's per-token work on the device: its toke
 that are placeholders for the previous step's sampled tokens (`nbllm.engine.overlap`) and it ends with each row's
 argmax and its log-probability (`sampler.greedy_sample`), so a step whose rows are all plain greedy
 (`SamplingBatch.plain_greedy`) is one replay with no sampling launch. Its tokens reach the host with no copy
-either: the argmax kernel also writes them into pinned host memory (`argmax_logsumexp`'s `host`), so between two
-replays the stream holds only the inputs' copy, and the device goes from one step's graph to the next's at once.
-The host buffers have two halves, used by alternate replays (each replay's inputs say which): the host reads one
-replay's tokens while the next is already queued.
+either: the argmax kernel also writes them into pinned host memory (`argmax_logsumexp`'s `host`; two halves,
+used by alternate replays as each replay's inputs say, so the host reads one replay's tokens while the next is
+already queued), and it leaves the next step's inputs on the device (`nbllm.kernels.next_inputs`), which the host
+copies only when its real ones differ. In a steady decode nothing stands on the stream between two replays.
 
 All buckets are captured together, largest first, at the first decode step, sharing one memory pool (the
 graphs never run concurrently). The decode attention's split count is fixed per bucket
