@@ -411,7 +411,7 @@ def graph_replay_seconds(engine: EngineCore, batch: int, repeats: int = 200) -> 
     start = kept.clone()
     start[2] = -1
     times = []
-    for i in range(repeats + 10):
+    for _ in range(repeats + 10):
         inputs.copy_(start)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()

@@ -10,7 +10,7 @@ scheduling, `OverlapLoop.step` instead
    the device and is looked up there by the model's token lookup (`CausalLM.forward`'s `placeholders`, one
    kernel with the embedding on CUDA: `nbllm.kernels.embedding`);
 2. then waits for step N's sampled ids only (copied into pinned host memory behind an event when step N was
-   launched, so by now they are usually there), replaces each sequence's placeholder with its token and runs
+   launched, or written there by its decode graph itself, so by now they are usually there), replaces each sequence's placeholder with its token and runs
    the engine's usual per-token work (`EngineCore._append`: detokenize, stop checks, finish);
 3. and returns step N's outputs: stops are seen one step late. A sequence that finished at step N's token was
    computed once more in step N+1; that token is dropped, and its blocks, released at the finish, are only
